@@ -1,0 +1,18 @@
+// The pybind11 module pykernels._C: one bind_<family> per op family.
+#include <torch/extension.h>
+
+namespace pykernels {
+void bind_linear_act(pybind11::module_& m);
+}  // namespace pykernels
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "pykernels compiled kernels (C++ CPU, and CUDA when built with it)";
+  m.def("has_cuda", [] {
+#ifdef PYKERNELS_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "whether this build contains the CUDA kernels");
+  pykernels::bind_linear_act(m);
+}

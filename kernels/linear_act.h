@@ -1,0 +1,57 @@
+// Launchers of the fused linear + activation CUDA kernels (kernels/linear_act.cu).
+// Framework-free: raw pointers, sizes, a dtype tag and a stream; every launcher checks
+// its own launches and returns the first cudaError_t. All matrices are row-major and
+// contiguous unless a stride says otherwise; sizes are int64 and offsets are computed
+// in int64, so tensors past 2^31 elements are addressed correctly.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "activation.h"
+
+namespace pykernels {
+namespace cuda {
+
+enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
+
+// Which GEMM core runs. Tensor cores (mma.sync) for float16/bfloat16; float32 always
+// takes the exact FMA path (no TF32), like torch's default.
+enum class GemmCore : int { Auto = 0, TensorCore = 1, Simt = 2 };
+
+// out = act(input @ weight^T + bias), with bias and activation applied to the fp32
+// accumulator in the GEMM epilogue and out written once. When preact is non-null the
+// pre-activation input @ weight^T + bias is stored there too (same dtype).
+//   input  (M, K), rows input_row_stride apart, unit column stride
+//   weight (N, K), contiguous
+//   bias   (N) or nullptr; out, preact (M, N) contiguous
+cudaError_t linear_act_forward(DType dtype, const void* input, int64_t input_row_stride,
+                               const void* weight, const void* bias, void* out, void* preact,
+                               int64_t M, int64_t N, int64_t K, Activation act,
+                               float negative_slope, GemmCore core, cudaStream_t stream);
+
+// Bytes of scratch linear_act_grad_preact needs for the bias-gradient partial sums.
+size_t linear_act_grad_preact_workspace_bytes(int64_t M, int64_t N);
+
+// One pass over (M, N): grad_preact = grad_out * act'(saved), where saved is the output
+// (saved_is_output) or the pre-activation; and, when grad_bias is non-null, the fused
+// column sums grad_bias[n] = sum_m grad_preact[m, n], reduced in fp32 through workspace
+// (deterministic: fixed partition, fixed order) and stored in dtype.
+cudaError_t linear_act_grad_preact(DType dtype, const void* grad_out, const void* saved,
+                                   bool saved_is_output, void* grad_preact, void* grad_bias,
+                                   void* workspace, int64_t M, int64_t N, Activation act,
+                                   float negative_slope, cudaStream_t stream);
+
+// c (M, N, contiguous) = a (M, K) @ b (K, N), fp32 accumulation, one rounding on store.
+// Element (i, k) of a sits at a[i * a_row_stride + k * a_col_stride], likewise for b, so
+// transposed operands need no copy: the backward calls it for
+//   grad_input  = grad_preact (M, N) @ weight (N, K)
+//   grad_weight = grad_preact^T (N, M) @ input (M, K).
+cudaError_t gemm(DType dtype, const void* a, int64_t a_row_stride, int64_t a_col_stride,
+                 const void* b, int64_t b_row_stride, int64_t b_col_stride, void* c, int64_t M,
+                 int64_t N, int64_t K, GemmCore core, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace pykernels

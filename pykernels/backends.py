@@ -1,0 +1,167 @@
+"""Which backends exist on this machine and which one runs a call.
+
+Backends (DESIGN.md §3):
+  cpu     fused C++ kernels of pykernels._C, CPU tensors
+  cuda    CUDA kernels of pykernels._C (when built with CUDA), CUDA tensors
+  triton  pykernels.triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
+  torch   the plain-PyTorch reference composition (pykernels.reference), any tensor
+
+Selection, strongest first: a call's ``backend=``, the innermost ``use_backend(name)``,
+the PYKERNELS_BACKEND environment variable, then "auto".
+"""
+
+import contextlib
+import importlib
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("cpu", "cuda", "triton", "torch")
+
+# The dtypes each backend's kernels take, per device type.
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_DTYPES = {
+    ("cpu", "cpu"): (torch.float32, torch.float64),
+    ("cuda", "cuda"): (torch.float32, torch.float16, torch.bfloat16),
+    ("triton", "cuda"): (torch.float32, torch.float16, torch.bfloat16),
+    # The interpreter runs on numpy: no bfloat16; float64 serves gradcheck.
+    ("triton", "cpu"): (torch.float32, torch.float64),
+    ("torch", "cpu"): _FLOAT_DTYPES,
+    ("torch", "cuda"): _FLOAT_DTYPES,
+}
+
+# "auto": the first backend in this order that is available and takes the dtype.
+# On the CPU the fused C++ path is measured at least as fast as eager (bench/results).
+# On CUDA the order is provisional until the GPU benchmark has ranked the backends:
+# float32 stays on cuBLAS through the reference (our float32 GEMM is exact-FMA, not
+# tensor-core), the half types go to our kernels.
+_AUTO_ORDER = {
+    ("cpu", "float"): ("cpu", "torch"),
+    ("cuda", "float32"): ("torch",),
+    ("cuda", "half"): ("cuda", "triton", "torch"),
+}
+
+_stack = []  # use_backend's selections, innermost last
+
+
+def _import_extension():
+    try:
+        return importlib.import_module("pykernels._C")
+    except ImportError:
+        return None
+
+
+# Looked up once at import, so that resolving a backend inside torch.compile only reads
+# plain values (Dynamo does not trace imports).
+_EXTENSION = _import_extension()
+_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+
+
+def extension():
+    """The compiled module pykernels._C, or None where it was not built."""
+    return _EXTENSION
+
+
+def has_cuda():
+    """Whether pykernels._C was built with the CUDA kernels."""
+    ext = extension()
+    return ext is not None and ext.has_cuda()
+
+
+def triton_interpreting():
+    """Whether Triton kernels run on the CPU under its interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _available(name, device_type):
+    if name == "torch":
+        return device_type in ("cpu", "cuda")
+    if name == "cpu":
+        return device_type == "cpu" and extension() is not None
+    if name == "cuda":
+        return device_type == "cuda" and has_cuda() and torch.cuda.is_available()
+    if name == "triton":
+        if not _TRITON_IMPORTABLE:
+            return False
+        if device_type == "cuda":
+            return torch.cuda.is_available() and not triton_interpreting()
+        return device_type == "cpu" and triton_interpreting()
+    return False
+
+
+def backends(device=None):
+    """The backends usable here, for ``device`` (a torch.device or str) or for any device."""
+    if device is not None:
+        device_type = torch.device(device).type
+        return [name for name in BACKENDS if _available(name, device_type)]
+    device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [name for name in BACKENDS if any(_available(name, d) for d in device_types)]
+
+
+def _check_name(name, what):
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"{what} must be one of auto, {', '.join(BACKENDS)}; got {name!r}")
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Run the pykernels calls inside the ``with`` block on backend ``name`` (or "auto")."""
+    _check_name(name, "backend")
+    _stack.append(name)
+    try:
+        yield name
+    finally:
+        _stack.pop()
+
+
+def _requested(backend):
+    if backend is not None:
+        _check_name(backend, "backend")
+        return backend
+    if _stack:
+        return _stack[-1]
+    env = os.environ.get("PYKERNELS_BACKEND")
+    if env:
+        _check_name(env, "PYKERNELS_BACKEND")
+        return env
+    return "auto"
+
+
+def _auto_key(device_type, dtype):
+    if device_type == "cpu":
+        return ("cpu", "float")
+    return ("cuda", "float32" if dtype in (torch.float32, torch.float64) else "half")
+
+
+def resolve(backend, device, dtype):
+    """The backend that runs a call on tensors of ``device`` and ``dtype``.
+
+    Raises ValueError for an unknown name, RuntimeError for a backend not available for
+    the device, TypeError for a dtype the backend does not take; each names what is.
+    """
+    name = _requested(backend)
+    device_type = torch.device(device).type
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(_auto_key(device_type, dtype), ("torch",)):
+            if _available(candidate, device_type) and dtype in _DTYPES[(candidate, device_type)]:
+                return candidate
+        return "torch"
+    if not _available(name, device_type):
+        hint = ""
+        if name == "triton" and device_type == "cpu":
+            hint = " (Triton runs on CPU tensors only under TRITON_INTERPRET=1)"
+        elif name in ("cpu", "cuda") and extension() is None:
+            hint = " (pykernels._C is not built: pip install --no-build-isolation -e .)"
+        raise RuntimeError(
+            f"backend {name!r} is not available for {device_type} tensors{hint}; "
+            f"available: {', '.join(backends(device_type))}"
+        )
+    supported = _DTYPES[(name, device_type)]
+    if dtype not in supported:
+        names = ", ".join(str(d).replace("torch.", "") for d in supported)
+        raise TypeError(
+            f"backend {name!r} on {device_type} supports dtypes {names}; got "
+            f"{str(dtype).replace('torch.', '')} (backend='torch' takes any float dtype)"
+        )
+    return name

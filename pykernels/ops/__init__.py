@@ -1,0 +1,1 @@
+"""The op families: functional API, autograd, torch.library registration, dispatch."""
