@@ -99,6 +99,11 @@ def backends(device=None):
     return [name for name in BACKENDS if any(_available(name, d) for d in device_types)]
 
 
+def supports(name, device, dtype):
+    """Whether backend ``name`` takes tensors of ``dtype`` on ``device`` (if available)."""
+    return dtype in _DTYPES.get((name, torch.device(device).type), ())
+
+
 def _check_name(name, what):
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"{what} must be one of auto, {', '.join(BACKENDS)}; got {name!r}")

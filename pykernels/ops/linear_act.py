@@ -22,7 +22,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from .. import backends as _backends
+from ..backends import extension, resolve
 from .. import reference
 from ..activations import activation_id, grad_from_output
 
@@ -35,7 +35,7 @@ def _kernels(backend):
         from ..triton import linear_act as triton_linear_act
 
         return triton_linear_act.linear_act_forward, triton_linear_act.linear_act_backward
-    ext = _backends.extension()
+    ext = extension()
     if ext is None:
         raise RuntimeError(f"backend {backend!r} needs pykernels._C, which is not built")
     return ext.linear_act_forward, ext.linear_act_backward
@@ -170,7 +170,7 @@ class LinearActFunction(torch.autograd.Function):
     def forward(ctx, input, weight, bias=None, activation="none", negative_slope=0.01,
                 backend=None):
         act = _check_args(input, weight, bias, activation, negative_slope)
-        name = _backends.resolve(backend, input.device, input.dtype)
+        name = resolve(backend, input.device, input.dtype)
         if name == "torch":
             raise ValueError("LinearActFunction runs kernel backends; for backend='torch' "
                              "call pykernels.reference.linear_act")
@@ -206,7 +206,7 @@ def linear_act(input, weight, bias=None, activation="none", *, negative_slope=0.
         backend: cpu, cuda, triton, torch or auto (see pykernels.backends).
     """
     _check_args(input, weight, bias, activation, negative_slope)
-    name = _backends.resolve(backend, input.device, input.dtype)
+    name = resolve(backend, input.device, input.dtype)
     if name == "torch":
         return reference.linear_act(input, weight, bias, activation, negative_slope)
     return LinearActFunction.apply(input, weight, bias, activation, negative_slope, name)

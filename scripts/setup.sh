@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what pykernels needs and builds it in place (pip install -e, extension _C).
+# Works on a fresh CPU machine (installs torch==2.13.0, the local CPU build, and the small
+# packages from PyPI) and on the GPU machine (torch and the rest preinstalled, no network:
+# nothing is downloaded when everything is already importable). Never installs an
+# unpinned torch, which would pull several GB of CUDA wheels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  "$PY" -m pip install --quiet torch==2.13.0
+fi
+
+missing=()
+for spec in ninja:ninja pybind11:pybind11 pytest:pytest numpy:numpy triton:"triton>=3.2" \
+            setuptools:"setuptools>=64" wheel:wheel; do
+  "$PY" -c "import ${spec%%:*}" 2>/dev/null || missing+=("${spec#*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  "$PY" -m pip install --quiet "${missing[@]}"
+fi
+
+# Rebuild only when the extension is missing or older than a source it is built from.
+so=$(ls pykernels/_C*.so 2>/dev/null | head -n 1 || true)
+stale=1
+if [ -n "$so" ] && (cd /tmp && "$PY" -c "import pykernels._C") 2>/dev/null; then
+  newer=$(find csrc kernels setup.py -newer "$so" -type f | head -n 1)
+  [ -z "$newer" ] && stale=0
+fi
+if [ "$stale" = 1 ]; then
+  echo "setup: building pykernels._C (pip install --no-build-isolation -e .)"
+  MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" -m pip install --quiet --no-build-isolation --no-deps -e .
+fi

@@ -1,0 +1,441 @@
+"""pykernels.linear_act: every backend against plain PyTorch (float64 references)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import cpu_kernel_backends, gpu_kernel_backends
+from torch.library import opcheck
+
+import pykernels
+from pykernels.activations import ACTIVATIONS, activation_id
+from pykernels.testing import assert_low_precision_close, max_abs_error
+
+CPU_BACKENDS = cpu_kernel_backends()
+
+
+def torch_reference(x, w, b, activation, negative_slope=0.01):
+    """Independent of pykernels: straight torch.nn.functional."""
+    z = F.linear(x, w, b)
+    return {
+        "none": lambda: z,
+        "relu": lambda: F.relu(z),
+        "gelu": lambda: F.gelu(z),
+        "gelu_tanh": lambda: F.gelu(z, approximate="tanh"),
+        "silu": lambda: F.silu(z),
+        "sigmoid": lambda: torch.sigmoid(z),
+        "tanh": lambda: torch.tanh(z),
+        "leaky_relu": lambda: F.leaky_relu(z, negative_slope),
+    }[activation]()
+
+
+def make_inputs(lead, k, n, bias, dtype=torch.float64, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, k, generator=g, dtype=torch.float64)
+    w = torch.randn(n, k, generator=g, dtype=torch.float64) / k**0.5
+    b = torch.randn(n, generator=g, dtype=torch.float64) if bias else None
+    return [None if t is None else t.to(device, dtype).requires_grad_() for t in (x, w, b)]
+
+
+def forward_and_grads(fn, x, w, b, grad_out):
+    out = fn(x, w, b)
+    inputs = [t for t in (x, w, b) if t is not None]
+    return [out, *torch.autograd.grad(out, inputs, grad_out)]
+
+
+def test_cpu_backend_is_built_and_listed():
+    assert "cpu" in pykernels.backends("cpu")
+    assert "torch" in pykernels.backends()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("lead", [(), (3,), (2, 3)], ids=["1d", "2d", "3d"])
+def test_gradcheck_float64(backend, activation, bias, lead):
+    x, w, b = make_inputs(lead, 7, 5, bias)
+    inputs = (x, w, b) if bias else (x, w)
+
+    def fn(*args):
+        return pykernels.linear_act(args[0], args[1], args[2] if bias else None, activation,
+                                    backend=backend)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (17, 33, 9), (97, 65, 31), (4, 128, 96)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_float32_matches_float64_reference(backend, activation, shape):
+    m, k, n = shape
+    exact = make_inputs((m,), k, n, True, seed=m)
+    low = [t.detach().float().requires_grad_() for t in exact]
+    grad_out = torch.randn(m, n, dtype=torch.float64)
+    ours = forward_and_grads(
+        lambda x, w, b: pykernels.linear_act(x, w, b, activation, backend=backend), *low,
+        grad_out.float())
+    plain = forward_and_grads(lambda x, w, b: torch_reference(x, w, b, activation), *low,
+                              grad_out.float())
+    ref = forward_and_grads(lambda x, w, b: torch_reference(x, w, b, activation), *exact,
+                            grad_out)
+    for name, a, p, e in zip(["out", "grad_input", "grad_weight", "grad_bias"], ours, plain,
+                             ref):
+        assert a.dtype == torch.float32
+        assert_low_precision_close(a, p, e, name=name)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("negative_slope", [0.0, 0.2, -0.3, 1.5])
+def test_leaky_relu_slopes(backend, negative_slope):
+    # slope < 0 switches the saved tensor from the output to the pre-activation.
+    x, w, b = make_inputs((11,), 6, 4, True)
+    grad_out = torch.randn(11, 4, dtype=torch.float64)
+    ours = forward_and_grads(lambda x, w, b: pykernels.linear_act(
+        x, w, b, "leaky_relu", negative_slope=negative_slope, backend=backend), x, w, b,
+        grad_out)
+    ref = forward_and_grads(lambda x, w, b: torch_reference(x, w, b, "leaky_relu",
+                                                            negative_slope), x, w, b, grad_out)
+    for a, e in zip(ours, ref):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "sigmoid", "tanh"])
+def test_saturating_inputs_stay_finite(backend, activation):
+    # Pre-activations of +-60 saturate every activation; nothing may become NaN or inf.
+    x = torch.tensor([[60.0, -60.0], [-60.0, 60.0], [1e-3, -1e-3]], dtype=torch.float32,
+                     requires_grad=True)
+    w = torch.eye(2, requires_grad=True)
+    b = torch.zeros(2, requires_grad=True)
+    grad_out = torch.ones(3, 2)
+    ours = forward_and_grads(lambda x, w, b: pykernels.linear_act(x, w, b, activation,
+                                                                  backend=backend),
+                             x, w, b, grad_out)
+    ref = forward_and_grads(lambda x, w, b: torch_reference(x, w, b, activation), x, w, b,
+                            grad_out)
+    for a, e in zip(ours, ref):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_propagates_like_torch(backend):
+    x = torch.tensor([[float("nan"), 1.0]])
+    w = torch.eye(2)
+    for activation in ACTIVATIONS:
+        ours = pykernels.linear_act(x, w, None, activation, backend=backend)
+        assert torch.isnan(ours[0, 0]), activation
+        assert not torch.isnan(ours[0, 1]), activation
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_contiguous_input_and_weight(backend):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(13, 2, 9, generator=g, dtype=torch.float64).transpose(0, 2)  # (9, 2, 13)
+    w = torch.randn(13, 7, generator=g, dtype=torch.float64).t()  # (7, 13), transposed
+    b = torch.randn(14, generator=g, dtype=torch.float64)[::2]  # stride 2
+    assert not x.is_contiguous() and not w.is_contiguous() and not b.is_contiguous()
+    for t in (x, w, b):
+        t.requires_grad_()
+    grad_out = torch.randn(9, 2, 7, dtype=torch.float64)
+    ours = forward_and_grads(lambda x, w, b: pykernels.linear_act(x, w, b, "gelu",
+                                                                  backend=backend),
+                             x, w, b, grad_out)
+    ref = forward_and_grads(lambda x, w, b: torch_reference(x, w, b, "gelu"), x, w, b,
+                            grad_out)
+    for a, e in zip(ours, ref):
+        assert a.shape == e.shape
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("lead", [(0,), (2, 0), (0, 3)])
+def test_zero_rows(backend, lead):
+    x, w, b = make_inputs(lead, 5, 4, True)
+    out = pykernels.linear_act(x, w, b, "silu", backend=backend)
+    assert out.shape == (*lead, 4)
+    gx, gw, gb = torch.autograd.grad(out.sum(), (x, w, b))
+    assert gx.shape == x.shape
+    assert torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_only_requested_gradients(backend):
+    x, w, b = make_inputs((6,), 5, 3, True)
+    x.requires_grad_(False)
+    out = pykernels.linear_act(x, w, b, "tanh", backend=backend)
+    out.sum().backward()
+    ref = torch_reference(x, w.detach().requires_grad_(), b, "tanh")
+    assert x.grad is None
+    assert w.grad is not None and b.grad is not None
+    assert max_abs_error(out, ref) < 1e-12
+
+
+def test_cpu_bias_gradient_is_reproducible_across_thread_counts():
+    x, w, b = make_inputs((513,), 40, 130, True, dtype=torch.float32)
+    grad_out = torch.randn(513, 130)
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            out = pykernels.linear_act(x, w, b, "gelu", backend="cpu")
+            grads.append(torch.autograd.grad(out, b, grad_out)[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(grads[0], grads[1])
+
+
+# ---- registration: opcheck, autograd.Function, torch.compile ----------------------------
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu", "leaky_relu"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck(backend, activation, bias):
+    x, w, b = make_inputs((5,), 7, 3, bias, dtype=torch.float32)
+    act, slope = activation_id(activation), 0.01
+    save_preact = activation == "gelu"
+    opcheck(torch.ops.pykernels.linear_act_forward, (x, w, b, act, slope, save_preact,
+                                                     backend))
+    saved = torch.randn(5, 3)
+    opcheck(torch.ops.pykernels.linear_act_backward,
+            (torch.randn(5, 3), x.detach(), w.detach(), saved, act, slope, not save_preact,
+             bias, True, True, backend))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_linear_act_function(backend):
+    x, w, b = make_inputs((2, 4), 6, 5, True)
+    grad_out = torch.randn(2, 4, 5, dtype=torch.float64)
+    ours = forward_and_grads(lambda x, w, b: pykernels.LinearActFunction.apply(
+        x, w, b, "sigmoid", 0.01, backend), x, w, b, grad_out)
+    ref = forward_and_grads(lambda x, w, b: torch_reference(x, w, b, "sigmoid"), x, w, b,
+                            grad_out)
+    for a, e in zip(ours, ref):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    assert type(ours[0].grad_fn).__name__ == "LinearActFunctionBackward"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_torch_compile_fullgraph_function_and_module(backend):
+    torch._dynamo.reset()
+    layer = pykernels.nn.Linear(12, 10, activation="gelu_tanh", dtype=torch.float64)
+    x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
+
+    def step(x):
+        with pykernels.use_backend(backend):
+            hidden = layer(x)
+        return pykernels.linear_act(hidden, layer.weight[:4, :10], None, "silu",
+                                    backend=backend).sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    loss = compiled(x)
+    grads = torch.autograd.grad(loss, (x, layer.weight, layer.bias))
+    x_ref = x.detach().requires_grad_()
+    hidden = torch_reference(x_ref, layer.weight, layer.bias, "gelu_tanh")
+    ref_loss = torch_reference(hidden, layer.weight[:4, :10], None, "silu").sum()
+    ref_grads = torch.autograd.grad(ref_loss, (x_ref, layer.weight, layer.bias))
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    for a, e in zip(grads, ref_grads):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+# ---- backend selection ------------------------------------------------------------------
+
+def ran_on(out):
+    """'torch' for the reference composition, else the kernel backend LinearActFunction used."""
+    return getattr(out.grad_fn, "backend", "torch")
+
+
+def test_backend_selection_order(monkeypatch):
+    x, w, b = make_inputs((2,), 3, 2, True, dtype=torch.float32)
+    assert ran_on(pykernels.linear_act(x, w, b)) == "cpu"  # auto on CPU
+    monkeypatch.setenv("PYKERNELS_BACKEND", "torch")
+    assert ran_on(pykernels.linear_act(x, w, b)) == "torch"
+    with pykernels.use_backend("cpu"):
+        assert ran_on(pykernels.linear_act(x, w, b)) == "cpu"
+        with pykernels.use_backend("torch"):
+            assert ran_on(pykernels.linear_act(x, w, b)) == "torch"
+            assert ran_on(pykernels.linear_act(x, w, b, backend="cpu")) == "cpu"
+        assert ran_on(pykernels.linear_act(x, w, b)) == "cpu"
+    assert ran_on(pykernels.linear_act(x, w, b)) == "torch"
+
+
+def test_float64_auto_and_half_on_cpu():
+    x, w, b = make_inputs((2,), 3, 2, True, dtype=torch.float64)
+    assert ran_on(pykernels.linear_act(x, w, b)) == "cpu"
+    xh, wh = x.detach().bfloat16(), w.detach().bfloat16()
+    # The cpu kernels take float32/float64; auto falls back to the reference for bf16.
+    out = pykernels.linear_act(xh, wh, None, "relu")
+    torch.testing.assert_close(out, torch_reference(xh, wh, None, "relu"))
+
+
+# ---- module -----------------------------------------------------------------------------
+
+def test_module_state_dict_round_trip_and_init():
+    torch.manual_seed(7)
+    ours = pykernels.nn.Linear(9, 4, activation="relu")
+    torch.manual_seed(7)
+    plain = torch.nn.Linear(9, 4)
+    assert list(ours.state_dict()) == list(plain.state_dict()) == ["weight", "bias"]
+    for key, value in plain.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value)  # same init under the same seed
+    other = torch.nn.Linear(9, 4)
+    ours.load_state_dict(other.state_dict())
+    x = torch.randn(5, 9)
+    torch.testing.assert_close(ours(x), F.relu(other(x)))
+    back = torch.nn.Linear(9, 4)
+    back.load_state_dict(ours.state_dict())
+    assert torch.equal(back.weight, other.weight)
+    no_bias = pykernels.nn.Linear(9, 4, bias=False, activation="gelu")
+    assert no_bias.bias is None and list(no_bias.state_dict()) == ["weight"]
+    assert "activation=gelu" in repr(no_bias)
+
+
+def test_module_from_torch_shares_parameters():
+    plain = torch.nn.Linear(6, 3, dtype=torch.float64)
+    fused = pykernels.nn.Linear.from_torch(plain, activation="leaky_relu", negative_slope=0.1)
+    assert fused.weight is plain.weight and fused.bias is plain.bias
+    x = torch.randn(4, 6, dtype=torch.float64)
+    fused(x).sum().backward()
+    ref = F.leaky_relu(F.linear(x, plain.weight.detach(), plain.bias.detach()), 0.1)
+    torch.testing.assert_close(fused(x), ref)
+    assert plain.weight.grad is not None
+    with pytest.raises(TypeError, match="linear"):
+        pykernels.nn.Linear.from_torch(torch.nn.ReLU())
+    with pytest.raises(ValueError, match="activation"):
+        pykernels.nn.Linear(3, 3, activation="swish")
+
+
+# ---- bad input --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case, error, pattern", [
+    ("mixed_dtype", TypeError, "weight has dtype"),
+    ("bias_dtype", TypeError, "bias has dtype"),
+    ("mixed_device", ValueError, "weight is on meta"),
+    ("in_features", ValueError, r"input.shape\[-1\] must equal weight.shape\[1\]"),
+    ("bias_shape", ValueError, r"bias must have shape \(4,\)"),
+    ("weight_1d", ValueError, "weight must be 2-D"),
+    ("weight_3d", ValueError, "weight must be 2-D"),
+    ("int_input", TypeError, "input must be a floating-point tensor"),
+    ("int_weight", TypeError, "weight must be a floating-point tensor"),
+    ("not_tensor", TypeError, "input must be a torch.Tensor"),
+    ("activation", ValueError, "activation must be one of"),
+    ("backend_name", ValueError, "backend must be one of"),
+    ("backend_unavailable", RuntimeError, "backend 'cuda' is not available for cpu tensors"),
+    ("backend_dtype", TypeError, "backend 'cpu' on cpu supports dtypes float32, float64"),
+    ("slope", TypeError, "negative_slope must be a real number"),
+    ("scalar_input", ValueError, "input.shape"),
+])
+def test_bad_input(case, error, pattern):
+    x, w, b = torch.randn(2, 3), torch.randn(4, 3), torch.randn(4)
+    args, kwargs = [x, w, b, "relu"], {}
+    if case == "mixed_dtype":
+        args[1] = w.double()
+    elif case == "bias_dtype":
+        args[2] = b.double()
+    elif case == "mixed_device":
+        args[1] = w.to("meta")
+    elif case == "in_features":
+        args[1] = torch.randn(4, 5)
+    elif case == "bias_shape":
+        args[2] = torch.randn(5)
+    elif case == "weight_1d":
+        args[1] = torch.randn(3)
+    elif case == "weight_3d":
+        args[1] = torch.randn(1, 4, 3)
+    elif case == "int_input":
+        args[0] = torch.ones(2, 3, dtype=torch.int64)
+    elif case == "int_weight":
+        args[1] = torch.ones(4, 3, dtype=torch.int32)
+    elif case == "not_tensor":
+        args[0] = [[1.0, 2.0, 3.0]]
+    elif case == "activation":
+        args[3] = "swish"
+    elif case == "backend_name":
+        kwargs["backend"] = "cudnn"
+    elif case == "backend_unavailable":
+        kwargs["backend"] = "cuda"
+    elif case == "backend_dtype":
+        args = [x.half(), w.half(), b.half(), "relu"]
+        kwargs["backend"] = "cpu"
+    elif case == "slope":
+        kwargs["negative_slope"] = "0.1"
+    elif case == "scalar_input":
+        args[0] = torch.tensor(1.0)
+    with pytest.raises(error, match=pattern):
+        pykernels.linear_act(*args, **kwargs)
+
+
+def test_bad_backend_environment_and_context(monkeypatch):
+    x, w = torch.randn(2, 3), torch.randn(4, 3)
+    monkeypatch.setenv("PYKERNELS_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="PYKERNELS_BACKEND must be one of"):
+        pykernels.linear_act(x, w)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with pykernels.use_backend("gpu"):
+            pass
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, w = torch.randn(2, 3), torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        pykernels.linear_act(x, w, backend="triton")
+
+
+# ---- GPU --------------------------------------------------------------------------------
+
+def low_precision_case(backend, dtype, activation, m, k, n, bias=True, transposed=False):
+    exact = make_inputs((m,), k, n, bias, device="cuda", seed=m + k)
+    grad_out = torch.randn(m, n, dtype=torch.float64, device="cuda")
+    low = [None if t is None else t.detach().to(dtype) for t in exact]
+    if transposed:  # a non-contiguous input of the same values
+        low[0] = low[0].t().contiguous().t()
+    low = [None if t is None else t.requires_grad_() for t in low]
+    ours = forward_and_grads(lambda x, w, b: pykernels.linear_act(x, w, b, activation,
+                                                                  backend=backend),
+                             *low, grad_out.to(dtype))
+    plain = forward_and_grads(lambda x, w, b: torch_reference(x, w, b, activation), *low,
+                              grad_out.to(dtype))
+    ref = forward_and_grads(lambda x, w, b: torch_reference(x, w, b, activation), *exact,
+                            grad_out)
+    for name, a, p, e in zip(["out", "grad_input", "grad_weight", "grad_bias"], ours, plain,
+                             ref):
+        assert a.dtype == dtype and a.shape == e.shape
+        assert_low_precision_close(a, p, e, name=f"{backend} {dtype} {activation} {name}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", gpu_kernel_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gpu_low_precision_rule(backend, dtype, activation):
+    low_precision_case(backend, dtype, activation, 97, 65, 31)
+    low_precision_case(backend, dtype, activation, 1025, 768, 520, transposed=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", gpu_kernel_backends())
+@pytest.mark.parametrize("shape", [(4096, 1024, 4096), (1, 16, 16), (333, 1000, 77)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_gpu_shapes_bf16(backend, shape):
+    low_precision_case(backend, torch.bfloat16, "gelu", *shape, bias=shape[0] != 1)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", gpu_kernel_backends())
+def test_gpu_zero_rows_opcheck_and_compile(backend):
+    x, w, b = make_inputs((0,), 64, 32, True, dtype=torch.bfloat16, device="cuda")
+    out = pykernels.linear_act(x, w, b, "relu", backend=backend)
+    assert out.shape == (0, 32)
+    gw, gb = torch.autograd.grad(out.sum(), (w, b))
+    assert not gw.any() and not gb.any()
+    x, w, b = make_inputs((40,), 64, 32, True, dtype=torch.float16, device="cuda")
+    opcheck(torch.ops.pykernels.linear_act_forward,
+            (x, w, b, activation_id("gelu"), 0.01, True, backend))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: pykernels.linear_act(x, w, b, "silu", backend=backend),
+                             fullgraph=True)
+    torch.testing.assert_close(compiled(x), torch_reference(x, w, b, "silu"), rtol=2e-2,
+                               atol=2e-2)
