@@ -1,8 +1,11 @@
-// Launchers of the fused linear + activation CUDA kernels (kernels/linear_act.cu).
+// Launchers of the fused linear + activation CUDA kernels (kernels/linear_act.cu, sm_80+).
 // Framework-free: raw pointers, sizes, a dtype tag and a stream; every launcher checks
 // its own launches and returns the first cudaError_t. All matrices are row-major and
 // contiguous unless a stride says otherwise; sizes are int64 and offsets are computed
-// in int64, so tensors past 2^31 elements are addressed correctly.
+// in int64, so tensors past 2^31 elements are addressed correctly. Work is launched on
+// `stream` only. Invalid arguments (unknown dtype/core/activation, negative sizes, a null
+// pointer for a tensor that has elements) return cudaErrorInvalidValue; pointers of empty
+// tensors may be null. M == 0 or N == 0 launches nothing (except the grad_bias zero-fill).
 #pragma once
 
 #include <cstddef>
@@ -17,8 +20,10 @@ namespace cuda {
 
 enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
 
-// Which GEMM core runs. Tensor cores (mma.sync) for float16/bfloat16; float32 always
-// takes the exact FMA path (no TF32), like torch's default.
+// Which GEMM core runs. Auto: tensor cores (nvcuda::wmma, i.e. mma.sync, fp32 accumulation)
+// for float16/bfloat16; float32 always takes the exact FMA path (no TF32), like torch's
+// default. TensorCore with Float32 returns cudaErrorInvalidValue. Simt runs the FMA kernel
+// for every dtype (fp32 accumulation), so both hand-written paths can be compared.
 enum class GemmCore : int { Auto = 0, TensorCore = 1, Simt = 2 };
 
 // out = act(input @ weight^T + bias), with bias and activation applied to the fp32
@@ -26,19 +31,24 @@ enum class GemmCore : int { Auto = 0, TensorCore = 1, Simt = 2 };
 // pre-activation input @ weight^T + bias is stored there too (same dtype).
 //   input  (M, K), rows input_row_stride apart, unit column stride
 //   weight (N, K), contiguous
-//   bias   (N) or nullptr; out, preact (M, N) contiguous
+//   bias   (N) or nullptr; out, preact (M, N) contiguous; preact may be nullptr
+// K == 0 gives out = act(bias) (act(0) without bias).
 cudaError_t linear_act_forward(DType dtype, const void* input, int64_t input_row_stride,
                                const void* weight, const void* bias, void* out, void* preact,
                                int64_t M, int64_t N, int64_t K, Activation act,
                                float negative_slope, GemmCore core, cudaStream_t stream);
 
-// Bytes of scratch linear_act_grad_preact needs for the bias-gradient partial sums.
+// Bytes of scratch linear_act_grad_preact needs for the bias-gradient partial sums (fp32,
+// one row of N per chunk of rows; 0 when M == 0 or N == 0). Only used when grad_bias is
+// non-null; need not be zeroed.
 size_t linear_act_grad_preact_workspace_bytes(int64_t M, int64_t N);
 
 // One pass over (M, N): grad_preact = grad_out * act'(saved), where saved is the output
 // (saved_is_output) or the pre-activation; and, when grad_bias is non-null, the fused
-// column sums grad_bias[n] = sum_m grad_preact[m, n], reduced in fp32 through workspace
-// (deterministic: fixed partition, fixed order) and stored in dtype.
+// column sums grad_bias[n] = sum_m grad_preact[m, n] of the fp32 values (before rounding),
+// reduced in fp32 through workspace (deterministic: fixed partition, fixed order) and
+// stored in dtype. With M == 0, grad_bias is filled with zeros. saved_is_output requires grad_from_output(act, slope)
+// (else cudaErrorInvalidValue). workspace may be null when grad_bias is null.
 cudaError_t linear_act_grad_preact(DType dtype, const void* grad_out, const void* saved,
                                    bool saved_is_output, void* grad_preact, void* grad_bias,
                                    void* workspace, int64_t M, int64_t N, Activation act,

@@ -1,0 +1,316 @@
+"""Shared machinery for every family's benchmark (DESIGN.md section 6).
+
+A benchmark builds *cases*: a function, a maker of fresh random inputs, and a mode
+(``fwd``, ``bwd`` or ``fwd+bwd``). This module times a case (median, warmed up, rotating
+through input sets larger than the cache), measures its peak memory, measures the
+machine's own ceilings in the same run, and writes the rows as CSV, Markdown and, when
+matplotlib is installed, a PNG bar plot.
+"""
+
+import csv
+import datetime
+import itertools
+import math
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MODES = ("fwd", "bwd", "fwd+bwd")
+COLUMNS = (
+    "op", "backend", "shape", "dtype", "mode", "ms", "tflops", "gbps",
+    "frac_of_ceiling", "frac_of_gemm", "ratio_vs_eager", "ratio_vs_compile",
+    "peak_mem_mb", "device", "torch", "date",
+)
+# Rotation: on CUDA the input sets together span twice the L2 (so no timed call finds
+# its inputs cache-hot); on CPU a size past the L2 and most last-level caches.
+CPU_ROTATION_BYTES = 64 << 20
+MAX_SETS = 8  # tiny shapes would otherwise need thousands of sets
+
+
+class Machine:
+    """Where the benchmark runs, and the names its results are filed under."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.is_cuda = self.device.type == "cuda"
+        self.name = torch.cuda.get_device_name(self.device) if self.is_cuda else "cpu"
+        # H100 and H200 results must not overwrite each other: file them by GPU name.
+        self.kind = re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
+        self.rotation_bytes = (
+            2 * torch.cuda.get_device_properties(self.device).L2_cache_size
+            if self.is_cuda else CPU_ROTATION_BYTES
+        )
+        self.stamp = {
+            "device": self.name,
+            "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(),
+        }
+
+    def sync(self):
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+
+
+def _nbytes(tensors):
+    unique = {id(t): t for t in tensors}  # fwd+bwd sets hold the inputs twice
+    return sum(t.nbytes for t in unique.values())
+
+
+def make_case(fn, make_inputs, mode, machine):
+    """Input sets and a call that runs ``fn`` in ``mode`` on one of them.
+
+    ``make_inputs()`` returns a fresh tuple of random inputs (never zeros). For the
+    backward modes every floating-point input requires grad and a random ``grad_out``
+    is drawn; ``bwd`` runs the forward here, outside the timed region, and the call
+    times ``torch.autograd.grad`` alone (the graph is retained for the next repeat).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+
+    def one_set():
+        inputs = make_inputs()
+        if mode == "fwd":
+            return (inputs,)
+        for t in inputs:
+            if t.is_floating_point():
+                t.requires_grad_(True)
+        diff = tuple(t for t in inputs if t.requires_grad)
+        out = fn(*inputs)  # also warms up (and compiles) the training graph
+        grad_out = torch.randn_like(out)
+        return (out if mode == "bwd" else inputs, diff, grad_out)
+
+    if mode == "fwd":
+        def call(s):
+            with torch.no_grad():
+                return fn(*s[0])
+    elif mode == "bwd":
+        def call(s):
+            return torch.autograd.grad(s[0], s[1], s[2], retain_graph=True)
+    else:
+        def call(s):
+            return torch.autograd.grad(fn(*s[0]), s[1], s[2])
+
+    first = one_set()
+    leaves = [t for part in first for t in (part if isinstance(part, tuple) else (part,))]
+    count = min(MAX_SETS, max(2, math.ceil(machine.rotation_bytes / max(1, _nbytes(leaves)))))
+    return call, [first] + [one_set() for _ in range(count - 1)]
+
+
+def time_ms(call, sets, machine, quick=False):
+    """Median milliseconds of ``call(s)``, cycling ``s`` through ``sets``, after warm-up."""
+    warmup_ms, rep_ms = (5, 20) if quick else (25, 100)
+    rotation = itertools.cycle(sets)
+    if machine.is_cuda:
+        import triton.testing  # CUDA events around each call; it also flushes L2 between calls
+
+        return triton.testing.do_bench(
+            lambda: call(next(rotation)), warmup=warmup_ms, rep=rep_ms, return_mode="median"
+        )
+    start, calls = time.perf_counter(), 0
+    while calls < len(sets) or (time.perf_counter() - start) * 1e3 < warmup_ms:
+        call(next(rotation))  # warm up: a pass over the sets, and at least warmup_ms
+        calls += 1
+    estimate_ms = (time.perf_counter() - start) * 1e3 / calls
+    times = []
+    for _ in range(min(200, max(5, int(rep_ms / max(estimate_ms, 1e-3))))):
+        s = next(rotation)
+        t0 = time.perf_counter()
+        call(s)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def peak_mem_mb(call, sets, machine):
+    """Device memory one warm call allocates beyond what is already live (CUDA only)."""
+    if not machine.is_cuda:
+        return None
+    machine.sync()
+    torch.cuda.reset_peak_memory_stats(machine.device)
+    base = torch.cuda.memory_allocated(machine.device)
+    call(sets[0])
+    machine.sync()
+    return (torch.cuda.max_memory_allocated(machine.device) - base) / 2**20
+
+
+def measure(machine, fn, make_inputs, mode, *, op, backend, shape, dtype,
+            flops=None, nbytes=None, quick=False):
+    """Time one case and return its row; ``flops``/``nbytes`` give TFLOP/s and GB/s."""
+    call, sets = make_case(fn, make_inputs, mode, machine)
+    ms = time_ms(call, sets, machine, quick)
+    row = dict(
+        op=op, backend=backend, shape=shape, dtype=str(dtype).replace("torch.", ""),
+        mode=mode, ms=ms, peak_mem_mb=peak_mem_mb(call, sets, machine), **machine.stamp,
+    )
+    if flops is not None:
+        row["tflops"] = flops / ms / 1e9
+    if nbytes is not None:
+        row["gbps"] = nbytes / ms / 1e6
+    return row
+
+
+def measure_cases(machine, cases, *, shape, dtype, flops=None, nbytes=None, quick=False):
+    """Yield a row for each ``(op, backend, fn, make_inputs)`` case in every mode, printed
+    as it comes (a generator, so a run cut short keeps what it measured).
+
+    ``flops`` and ``nbytes`` map each mode to its count. A case that raises is printed
+    and left out: one failing backend must not cost the whole run.
+    """
+    for op, backend, fn, make_inputs in cases:
+        for mode in MODES:
+            what = f"  {op:22} {backend:8} {shape:16} {mode:8}"
+            try:
+                row = measure(machine, fn, make_inputs, mode, op=op, backend=backend,
+                              shape=shape, dtype=dtype, flops=(flops or {}).get(mode),
+                              nbytes=(nbytes or {}).get(mode), quick=quick)
+            except Exception as e:
+                print(f"{what} FAILED {type(e).__name__}: {(str(e) or ' ').splitlines()[0]}")
+                if machine.is_cuda:
+                    torch.cuda.empty_cache()  # after an out-of-memory error, above all
+                continue
+            print(f"{what} {row['ms']:.4g} ms", flush=True)
+            yield row
+
+
+def measure_ceilings(machine, quick=False):
+    """Rows for the machine's own ceilings: a large matmul and a large copy.
+
+    bf16 8192^3 on CUDA (the tensor-core rate), float32 on CPU; the copy counts bytes
+    read plus bytes written.
+    """
+    dev = machine.device
+    n = 1024 if quick else (8192 if machine.is_cuda else 2048)
+    dtype = torch.bfloat16 if machine.is_cuda else torch.float32
+    matmul = measure(
+        machine, torch.matmul,
+        lambda: tuple(torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2)), "fwd",
+        op="ceiling_matmul", backend="torch", shape=f"{n}x{n}x{n}", dtype=dtype,
+        flops=2 * n**3, quick=quick,
+    )
+    numel = (1 << 22) if quick else ((1 << 28) if machine.is_cuda else (1 << 25))
+    copy = measure(
+        machine, lambda src, dst: dst.copy_(src),
+        lambda: tuple(torch.randn(numel, device=dev) for _ in range(2)), "fwd",
+        op="ceiling_copy", backend="torch", shape=str(numel), dtype=torch.float32,
+        nbytes=2 * 4 * numel, quick=quick,
+    )
+    return [matmul, copy]
+
+
+def fill_ratios(rows, ceilings):
+    """Add fraction-of-ceiling, fraction-of-GEMM and speed-up columns in place.
+
+    ``frac_of_gemm`` compares with the row of op ``matmul`` (the bare GEMMs alone) of the
+    same shape, dtype and mode; the ratios are baseline_ms / ms, so > 1 means faster.
+    """
+    peak_tflops = next(r["tflops"] for r in ceilings if r["op"] == "ceiling_matmul")
+    peak_gbps = next(r["gbps"] for r in ceilings if r["op"] == "ceiling_copy")
+    by_key = {(r["op"], r["shape"], r["dtype"], r["mode"], r["backend"]): r for r in rows}
+    for r in rows:
+        if r.get("tflops") is not None:
+            r["frac_of_ceiling"] = r["tflops"] / peak_tflops
+        elif r.get("gbps") is not None:
+            r["frac_of_ceiling"] = r["gbps"] / peak_gbps
+        gemm = by_key.get(("matmul", r["shape"], r["dtype"], r["mode"], "gemm"))
+        if gemm and r["op"] != "matmul" and r.get("tflops") is not None:
+            r["frac_of_gemm"] = r["tflops"] / gemm["tflops"]
+        for base in ("eager", "compile"):
+            other = by_key.get((r["op"], r["shape"], r["dtype"], r["mode"], base))
+            if other:
+                r[f"ratio_vs_{base}"] = other["ms"] / r["ms"]
+
+
+def _fmt(value):
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+TABLE_COLUMNS = ("op", "shape", "mode", "backend", "ms", "tflops", "gbps", "frac_of_ceiling",
+                 "frac_of_gemm", "ratio_vs_eager", "ratio_vs_compile", "peak_mem_mb")
+
+
+def format_table(rows, markdown=False):
+    """The rows as an aligned text table, or a Markdown one; empty columns are left out."""
+    cols = [c for c in TABLE_COLUMNS if any(r.get(c) is not None for r in rows)]
+    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True))
+             for row in [cols] + cells]
+    return "\n".join(lines)
+
+
+def write_results(rows, family, machine, out_dir, notes=(), suffix=""):
+    """Write ``<family>_<kind><suffix>.csv``, ``.md`` and ``.png`` under ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"{family}_{machine.kind}{suffix}"
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({c: _fmt(r.get(c)) for c in COLUMNS} for r in rows)
+    header = f"# {family} on {machine.name}\n\n" + "".join(f"- {n}\n" for n in notes)
+    stem.with_suffix(".md").write_text(header + "\n" + format_table(rows, markdown=True) + "\n")
+    written = [stem.with_suffix(".csv"), stem.with_suffix(".md")]
+    if _plot(rows, family, machine, stem.with_suffix(".png")):
+        written.append(stem.with_suffix(".png"))
+    print("wrote " + ", ".join(str(p) for p in written))
+
+
+def _plot(rows, family, machine, path):
+    """One panel per mode, a group of bars per (op, shape), one bar per backend."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG plot")
+        return False
+    rows = [r for r in rows if not r["op"].startswith("ceiling_")]
+    metric = "tflops" if all(r.get("tflops") is not None for r in rows) else "ms"
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    fig, axes = plt.subplots(len(modes), 1, figsize=(12, 3.5 * len(modes)), squeeze=False)
+    for ax, mode in zip(axes[:, 0], modes, strict=True):
+        sub = [r for r in rows if r["mode"] == mode]
+        groups = list(dict.fromkeys(f"{r['op']}\n{r['shape']}" for r in sub))
+        backends = list(dict.fromkeys(r["backend"] for r in sub))
+        width = 0.8 / len(backends)
+        for i, backend in enumerate(backends):
+            values = {f"{r['op']}\n{r['shape']}": r[metric] for r in sub if r["backend"] == backend}
+            xs = [g + i * width for g, name in enumerate(groups) if name in values]
+            ax.bar(xs, [values[name] for name in groups if name in values], width, label=backend)
+        ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups, fontsize=7)
+        ax.set_ylabel(metric)
+        ax.set_title(f"{family} {mode} on {machine.name}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def report_checks(checks):
+    """Print each target as PASS/FAIL/SKIP (never assert) and return the lines.
+
+    ``checks`` holds (description, values, threshold): PASS when every value is at least
+    the threshold; SKIP when this run measured none (e.g. --quick shapes).
+    """
+    lines = []
+    for description, values, threshold in checks:
+        if not values:
+            lines.append(f"SKIP  {description} (not measured in this run)")
+            continue
+        worst_label, worst = min(values.items(), key=lambda kv: kv[1])
+        verdict = "PASS" if worst >= threshold else "FAIL"
+        lines.append(f"{verdict}  {description}: worst {worst:.3g} at {worst_label}")
+    print("\n".join(lines))
+    return lines

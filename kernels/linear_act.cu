@@ -1,0 +1,650 @@
+// Fused linear + activation CUDA kernels. API and contracts: linear_act.h.
+//
+// One templated GEMM kernel (gemm_kernel) serves the forward, c = act(a @ b + bias) with an
+// optional pre-activation store, and the backward GEMMs (epilogue = identity). Each operand
+// is read through arbitrary (row, col) strides and staged in shared memory in whichever
+// layout keeps its unit-stride global dimension contiguous, so 16-byte cp.async copies work
+// for K-contiguous and M/N-contiguous ("transposed") operands alike. The staged tiles are
+// consumed by one of two cores:
+//   * tensor cores (fp16/bf16): nvcuda::wmma 16x16x16 fragments, fp32 accumulators;
+//   * SIMT (every dtype): exact fp32 FFMA (no TF32), an 8x8 micro-tile per thread.
+// The backward elementwise pass (grad_preact_kernel) computes dZ = dY * act'(saved) and,
+// optionally, deterministic bias-gradient column sums through a workspace.
+//
+// Framework-free: CUDA headers only. Global offsets are int64; tile counts go on gridDim.x.
+#include "linear_act.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <climits>
+#include <cstdint>
+#include <type_traits>
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "kernels/linear_act.cu needs sm_80 or newer (bf16 tensor cores, cp.async)"
+#endif
+
+namespace pykernels {
+namespace cuda {
+namespace {
+
+// ---------------------------------------------------------------------------------------
+// Element traits: conversion to/from the fp32 compute type, rounding to nearest even.
+
+template <typename T>
+struct Elem;
+template <>
+struct Elem<float> {
+  static __device__ __forceinline__ float to_float(float x) { return x; }
+  static __device__ __forceinline__ float from_float(float x) { return x; }
+};
+template <>
+struct Elem<__half> {
+  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+};
+template <>
+struct Elem<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) {
+    return __float2bfloat16_rn(x);
+  }
+};
+
+__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// ---------------------------------------------------------------------------------------
+// cp.async (sm_80+): 16-byte global -> shared copies that bypass registers. Only the first
+// src_bytes bytes are read; the rest of the 16 are zero-filled, which is how partial and
+// out-of-range chunks become zeros.
+
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
+               "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// ---------------------------------------------------------------------------------------
+// GEMM configuration. Block tile 128 x 128, 256 threads (8 warps).
+//   tensor core: BK = 32; warps 2 (M) x 4 (N), 64 x 32 per warp = 4 x 2 wmma tiles.
+//   SIMT:        BK = 16; threads 16 x 16, each owns rows ty + 16 i, cols tx + 16 j (i, j < 8).
+// Two pipeline stages of (A tile + B tile) stay under the 48 KiB static shared memory limit
+// (40 KiB at most), which leaves room for two resident blocks per SM.
+
+template <typename T, bool kTensorCore>
+struct GemmConfig {
+  static constexpr int kThreads = 256;
+  static constexpr int kBM = 128;
+  static constexpr int kBN = 128;
+  static constexpr int kBK = kTensorCore ? 32 : 16;
+};
+
+// Shared-memory tile of one operand: kMN (rows of A or columns of B) x kK values, stored
+// "outer x inner" with the inner dimension contiguous: K-major tiles keep each row's K values
+// contiguous (index mn * kLd + k), MN-major tiles keep each k's M/N values contiguous
+// (index k * kLd + mn). Rows are padded by 16 bytes, which keeps every row 16-byte aligned for
+// cp.async and staggers the rows across shared-memory banks.
+template <typename T, int kMN, int kK, bool kKMajorTile>
+struct Tile {
+  static constexpr bool kKMajor = kKMajorTile;
+  static constexpr int kInner = kKMajor ? kK : kMN;
+  static constexpr int kOuter = kKMajor ? kMN : kK;
+  static constexpr int kLd = kInner + 16 / static_cast<int>(sizeof(T));
+  static constexpr int kElems = kOuter * kLd;
+  static __device__ __forceinline__ int index(int mn, int k) {
+    return kKMajor ? mn * kLd + k : k * kLd + mn;
+  }
+};
+
+// A GEMM operand viewed as an (extent x K) matrix X(i, k) = ptr[i * stride_mn + k * stride_k]:
+// A (M x K) as is, B (K x N) transposed, X(n, k) = B(k, n).
+template <typename T>
+struct Operand {
+  const T* ptr;
+  int64_t stride_mn;
+  int64_t stride_k;
+  bool vec;  // 16-byte cp.async loads allowed (set by plan_operand on the host)
+};
+
+// c = act(a @ b + bias), written to out (M x N, contiguous); a @ b + bias also to preact when
+// non-null. The backward GEMMs pass bias = preact = nullptr and act = None: c = a @ b.
+template <typename T>
+struct GemmParams {
+  Operand<T> a;  // M x K
+  Operand<T> b;  // B^T, N x K
+  int64_t M, N, K;
+  int64_t tiles_m, tiles_n;
+  T* out;
+  T* preact;
+  const T* bias;
+  Activation act;
+  float slope;
+  bool out_vec;  // out/preact 16-byte aligned and N * sizeof(T) % 16 == 0: vector stores allowed
+};
+
+// Copies the tile of operand `op` at (mn0, k0) into shared memory; elements outside
+// [0, extent) x [0, K) become zero, so partial tiles need no special case in the math.
+//   vec:    one 16-byte cp.async per chunk of kVec inner elements (inner stride 1, outer
+//           stride a multiple of kVec, base 16-byte aligned: checked on the host);
+//   scalar: one bounds-checked element at a time, any strides; consecutive threads take
+//           consecutive inner elements, so unit-stride operands still coalesce.
+template <typename Tile, int kThreads, typename T>
+__device__ __forceinline__ void load_tile(const Operand<T>& op, int64_t extent, int64_t K,
+                                          int64_t mn0, int64_t k0, T* tile) {
+  const int64_t outer0 = Tile::kKMajor ? mn0 : k0;
+  const int64_t inner0 = Tile::kKMajor ? k0 : mn0;
+  const int64_t outer_end = Tile::kKMajor ? extent : K;
+  const int64_t inner_end = Tile::kKMajor ? K : extent;
+  const int64_t outer_stride = Tile::kKMajor ? op.stride_mn : op.stride_k;
+  const int64_t inner_stride = Tile::kKMajor ? op.stride_k : op.stride_mn;
+  if (op.vec) {
+    constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+    constexpr int kChunksPerRow = Tile::kInner / kVec;
+    constexpr int kChunks = Tile::kOuter * kChunksPerRow;
+    static_assert(Tile::kInner % kVec == 0 && kChunks % kThreads == 0, "tile/vector mismatch");
+#pragma unroll
+    for (int it = 0; it < kChunks / kThreads; ++it) {
+      const int c = static_cast<int>(threadIdx.x) + it * kThreads;
+      const int o = c / kChunksPerRow;
+      const int i = (c % kChunksPerRow) * kVec;
+      const int64_t go = outer0 + o;
+      const int64_t gi = inner0 + i;
+      const int64_t valid =
+          (go < outer_end && gi < inner_end) ? (inner_end - gi < kVec ? inner_end - gi : kVec) : 0;
+      const T* src = valid > 0 ? op.ptr + go * outer_stride + gi : op.ptr;  // inner stride 1
+      cp_async_16(tile + o * Tile::kLd + i, src, static_cast<int>(valid * sizeof(T)));
+    }
+  } else {
+    constexpr int kElems = Tile::kOuter * Tile::kInner;
+    static_assert(kElems % kThreads == 0, "tile/thread mismatch");
+#pragma unroll 1  // (unrolling lets the compiler hoist 64-bit offsets into many registers)
+    for (int it = 0; it < kElems / kThreads; ++it) {
+      const int e = static_cast<int>(threadIdx.x) + it * kThreads;
+      const int o = e / Tile::kInner;
+      const int i = e % Tile::kInner;
+      const int64_t go = outer0 + o;
+      const int64_t gi = inner0 + i;
+      tile[o * Tile::kLd + i] = (go < outer_end && gi < inner_end)
+                                    ? op.ptr[go * outer_stride + gi * inner_stride]
+                                    : Elem<T>::from_float(0.0f);
+    }
+  }
+}
+
+// Streams K through a two-stage shared-memory pipeline: while tile kt is consumed by
+// compute(A_tile, B_tile), tile kt + 1 is in flight into the other stage. K == 0 runs no
+// iteration (the accumulators stay zero).
+template <typename Cfg, typename TileA, typename TileB, typename T, typename Compute>
+__device__ __forceinline__ void gemm_mainloop(const GemmParams<T>& p, T* smem, int64_t m0,
+                                              int64_t n0, Compute&& compute) {
+  constexpr int kStage = TileA::kElems + TileB::kElems;
+  auto load_stage = [&](int stage, int64_t k0) {
+    T* base = smem + stage * kStage;
+    load_tile<TileA, Cfg::kThreads>(p.a, p.M, p.K, m0, k0, base);
+    load_tile<TileB, Cfg::kThreads>(p.b, p.N, p.K, n0, k0, base + TileA::kElems);
+  };
+  const int64_t num_k_tiles = ceil_div(p.K, Cfg::kBK);
+  if (num_k_tiles > 0) load_stage(0, 0);
+  cp_async_commit();
+  for (int64_t kt = 0; kt < num_k_tiles; ++kt) {
+    if (kt + 1 < num_k_tiles) load_stage(static_cast<int>((kt + 1) & 1), (kt + 1) * Cfg::kBK);
+    cp_async_commit();   // (possibly empty) group for tile kt + 1
+    cp_async_wait<1>();  // everything but that newest group has landed: tile kt is complete
+    __syncthreads();     // ... for the copies and plain stores of every thread
+    const T* stage = smem + static_cast<int>(kt & 1) * kStage;
+    compute(stage, stage + TileA::kElems);
+    __syncthreads();  // tile kt fully read before iteration kt + 1 refills its stage
+  }
+  cp_async_wait<0>();  // nothing in flight once the caller reuses shared memory
+}
+
+// Epilogue for the 8 columns n0 .. n0 + 7 of row m (m < M, n0 < N, n0 % 8 == 0), from the
+// fp32 accumulators acc[0..8): z = acc + bias[n]; preact = z; out = act(z), each rounded once
+// from fp32. 16-byte vector stores when the row segment is whole and out_vec holds, else
+// per-element stores of the in-bounds columns.
+template <typename T>
+__device__ __forceinline__ void epilogue_store8(const GemmParams<T>& p, int64_t m, int64_t n0,
+                                                const float* acc) {
+  alignas(16) T z[8];
+  alignas(16) T y[8];
+#pragma unroll
+  for (int c = 0; c < 8; ++c) {
+    float zc = acc[c];
+    if (p.bias != nullptr && n0 + c < p.N) zc += Elem<T>::to_float(p.bias[n0 + c]);
+    z[c] = Elem<T>::from_float(zc);
+    y[c] = Elem<T>::from_float(activation_forward<float>(p.act, zc, p.slope));
+  }
+  const int64_t off = m * p.N + n0;
+  if (p.out_vec && n0 + 8 <= p.N) {
+    constexpr int kWords = 8 * static_cast<int>(sizeof(T)) / 16;
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) {
+      reinterpret_cast<uint4*>(p.out + off)[w] = reinterpret_cast<const uint4*>(y)[w];
+      if (p.preact != nullptr)
+        reinterpret_cast<uint4*>(p.preact + off)[w] = reinterpret_cast<const uint4*>(z)[w];
+    }
+  } else {
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      if (n0 + c >= p.N) break;
+      if (p.preact != nullptr) p.preact[off + c] = z[c];
+      p.out[off + c] = y[c];
+    }
+  }
+}
+
+// Both cores hand their accumulators to the epilogue through shared memory, one slab of
+// kSlabRows consecutive rows of the block tile at a time (fp32, kSlabLd floats per row); the
+// block then finishes the slab in 8-column row segments, so stores are coalesced and, where
+// allowed, 16-byte vectors whatever the core's register layout.
+constexpr int kSlabRows = 64;
+constexpr int kSlabLd = 128 + 4;  // kBN + 16 bytes of padding against bank conflicts
+
+template <typename Cfg, typename T>
+__device__ __forceinline__ void epilogue_slab(const GemmParams<T>& p, const float* slab,
+                                              int64_t m_first, int64_t n0) {
+  constexpr int kSegsPerRow = Cfg::kBN / 8;
+  static_assert((kSlabRows * kSegsPerRow) % Cfg::kThreads == 0, "slab/thread mismatch");
+#pragma unroll 1
+  for (int s = static_cast<int>(threadIdx.x); s < kSlabRows * kSegsPerRow; s += Cfg::kThreads) {
+    const int r = s / kSegsPerRow;
+    const int c = (s % kSegsPerRow) * 8;
+    const int64_t m = m_first + r;
+    const int64_t n = n0 + c;
+    if (m < p.M && n < p.N) epilogue_store8(p, m, n, slab + r * kSlabLd + c);
+  }
+}
+
+// C tile (tile_m, tile_n) of c = act(a @ b + bias): acc(m, n) = sum_k A(m, k) B(k, n) in fp32,
+// then the epilogue above. Blocks are ordered in groups of 8 tile rows (column-major inside a
+// group) so that blocks running together share A row panels and B column panels in L2.
+template <typename T, bool kTensorCore, bool kAKMajor, bool kBKMajor>
+__global__ void __launch_bounds__(256, 2) gemm_kernel(const GemmParams<T> p) {
+  using Cfg = GemmConfig<T, kTensorCore>;
+  using TileA = Tile<T, Cfg::kBM, Cfg::kBK, kAKMajor>;
+  using TileB = Tile<T, Cfg::kBN, Cfg::kBK, kBKMajor>;
+  // Shared memory holds the two pipeline stages, and afterwards the fp32 epilogue slab.
+  constexpr int kPipeBytes = 2 * (TileA::kElems + TileB::kElems) * static_cast<int>(sizeof(T));
+  constexpr int kSlabBytes = kSlabRows * kSlabLd * static_cast<int>(sizeof(float));
+  constexpr int kSmemBytes = kPipeBytes > kSlabBytes ? kPipeBytes : kSlabBytes;
+  static_assert(kSmemBytes <= 48 * 1024, "static shared memory limit");
+  static_assert(Cfg::kBN == 128 && Cfg::kBM % kSlabRows == 0, "slab shape");
+  __shared__ __align__(128) unsigned char smem_raw[kSmemBytes];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  float* slab = reinterpret_cast<float*>(smem_raw);
+
+  constexpr int64_t kGroupM = 8;
+  const int64_t pid = blockIdx.x;
+  const int64_t group_size = kGroupM * p.tiles_n;
+  const int64_t first_m = (pid / group_size) * kGroupM;
+  const int64_t group_rows = p.tiles_m - first_m < kGroupM ? p.tiles_m - first_m : kGroupM;
+  const int64_t m0 = (first_m + (pid % group_size) % group_rows) * Cfg::kBM;
+  const int64_t n0 = ((pid % group_size) / group_rows) * Cfg::kBN;
+
+  if constexpr (kTensorCore) {
+    namespace wmma = nvcuda::wmma;
+    static_assert(!std::is_same<T, float>::value, "tensor-core path is fp16/bf16 only");
+    // wmma needs 32-byte aligned fragment pointers: tiles and 16-row/16-k steps keep that.
+    static_assert((TileA::kElems * sizeof(T)) % 32 == 0 && (TileB::kElems * sizeof(T)) % 32 == 0 &&
+                      (TileA::kLd * sizeof(T)) % 16 == 0 && (TileB::kLd * sizeof(T)) % 16 == 0,
+                  "wmma alignment");
+    // matrix_a element (m, k): row_major at [m * ld + k] (K-major tile), col_major at
+    // [k * ld + m]; matrix_b element (k, n): col_major at [n * ld + k] (K-major tile),
+    // row_major at [k * ld + n].
+    using ALayout = std::conditional_t<kAKMajor, wmma::row_major, wmma::col_major>;
+    using BLayout = std::conditional_t<kBKMajor, wmma::col_major, wmma::row_major>;
+    constexpr int kFragsM = 4, kFragsN = 2;  // warp tile 64 x 32
+    const int warp = static_cast<int>(threadIdx.x) / 32;
+    const int wm = (warp / 4) * 16 * kFragsM;
+    const int wn = (warp % 4) * 16 * kFragsN;
+
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kFragsM][kFragsN];
+#pragma unroll
+    for (int i = 0; i < kFragsM; ++i)
+#pragma unroll
+      for (int j = 0; j < kFragsN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+
+    gemm_mainloop<Cfg, TileA, TileB>(p, smem, m0, n0, [&](const T* As, const T* Bs) {
+#pragma unroll 1  // unrolled, sm_90a bf16 spills a few bytes at the 128-register cap
+      for (int kk = 0; kk < Cfg::kBK; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, ALayout> fa[kFragsM];
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> fb[kFragsN];
+#pragma unroll
+        for (int i = 0; i < kFragsM; ++i)
+          wmma::load_matrix_sync(fa[i], As + TileA::index(wm + 16 * i, kk), TileA::kLd);
+#pragma unroll
+        for (int j = 0; j < kFragsN; ++j)
+          wmma::load_matrix_sync(fb[j], Bs + TileB::index(wn + 16 * j, kk), TileB::kLd);
+#pragma unroll
+        for (int i = 0; i < kFragsM; ++i)
+#pragma unroll
+          for (int j = 0; j < kFragsN; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+      }
+    });
+
+    // Epilogue, one 64-row slab at a time: slab pass q holds block rows 64 q .. 64 q + 63,
+    // i.e. the accumulators of the 4 warps with wm == 64 q; all 256 threads finish it.
+    __syncthreads();
+#pragma unroll 1
+    for (int q = 0; q < Cfg::kBM / kSlabRows; ++q) {
+      if (wm == q * kSlabRows) {
+#pragma unroll
+        for (int i = 0; i < kFragsM; ++i)
+#pragma unroll
+          for (int j = 0; j < kFragsN; ++j)
+            wmma::store_matrix_sync(slab + (16 * i) * kSlabLd + wn + 16 * j, acc[i][j], kSlabLd,
+                                    wmma::mem_row_major);
+      }
+      __syncthreads();
+      epilogue_slab<Cfg>(p, slab, m0 + q * kSlabRows, n0);
+      __syncthreads();  // slab is rewritten by the next pass
+    }
+  } else {
+    const int tx = static_cast<int>(threadIdx.x) % 16;
+    const int ty = static_cast<int>(threadIdx.x) / 16;
+    float acc[8][8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
+
+    gemm_mainloop<Cfg, TileA, TileB>(p, smem, m0, n0, [&](const T* As, const T* Bs) {
+#pragma unroll 2  // full unrolling batches shared loads across k and spills at 128 regs
+      for (int k = 0; k < Cfg::kBK; ++k) {
+        float a[8], b[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) a[i] = Elem<T>::to_float(As[TileA::index(ty + 16 * i, k)]);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) b[j] = Elem<T>::to_float(Bs[TileB::index(tx + 16 * j, k)]);
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+#pragma unroll
+          for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+      }
+    });
+
+    // Epilogue, one 64-row slab at a time: slab pass q holds block rows 64 q .. 64 q + 63,
+    // which are this thread's rows ty + 16 i for i = 4 q .. 4 q + 3. (The passes are not
+    // unrolled, so the epilogue code exists once; acc stays statically indexed.)
+    constexpr int kIPerSlab = kSlabRows / 16;
+    __syncthreads();
+#pragma unroll 1
+    for (int q = 0; q < Cfg::kBM / kSlabRows; ++q) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+          if (i / kIPerSlab == q)
+            slab[(16 * (i % kIPerSlab) + ty) * kSlabLd + tx + 16 * j] = acc[i][j];
+      __syncthreads();
+      epilogue_slab<Cfg>(p, slab, m0 + q * kSlabRows, n0);
+      __syncthreads();  // slab is rewritten by the next pass
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// GEMM host side.
+
+// Whether an operand's tile can be filled with 16-byte copies along its `inner` dimension.
+template <typename T>
+bool vec_loads_ok(const void* ptr, int64_t inner_stride, int64_t outer_stride,
+                  int64_t outer_extent) {
+  constexpr int64_t kVec = 16 / sizeof(T);
+  return inner_stride == 1 && (outer_extent <= 1 || outer_stride % kVec == 0) && aligned16(ptr);
+}
+
+// Picks the operand's shared-memory layout and load path; returns true for a K-major tile.
+// Prefers a vectorizable layout (K-major first); otherwise the layout whose unit-stride
+// dimension is innermost, so the scalar loads still coalesce.
+template <typename T>
+bool plan_operand(Operand<T>& op, int64_t extent, int64_t K) {
+  const bool k_vec = vec_loads_ok<T>(op.ptr, op.stride_k, op.stride_mn, extent);
+  const bool mn_vec = vec_loads_ok<T>(op.ptr, op.stride_mn, op.stride_k, K);
+  const bool k_major = k_vec || (!mn_vec && !(op.stride_mn == 1 && op.stride_k != 1));
+  op.vec = k_major ? k_vec : mn_vec;
+  return k_major;
+}
+
+template <typename T, bool kTensorCore>
+cudaError_t launch_gemm(GemmParams<T> p, cudaStream_t stream) {
+  using Cfg = GemmConfig<T, kTensorCore>;
+  p.tiles_m = ceil_div(p.M, Cfg::kBM);
+  p.tiles_n = ceil_div(p.N, Cfg::kBN);
+  if (p.tiles_m > INT_MAX / p.tiles_n) return cudaErrorInvalidValue;  // gridDim.x limit
+  p.out_vec = aligned16(p.out) && (p.preact == nullptr || aligned16(p.preact)) &&
+              (p.N * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  const bool a_k = plan_operand(p.a, p.M, p.K);
+  const bool b_k = plan_operand(p.b, p.N, p.K);
+  void (*kernel)(GemmParams<T>) =
+      a_k ? (b_k ? gemm_kernel<T, kTensorCore, true, true> : gemm_kernel<T, kTensorCore, true, false>)
+          : (b_k ? gemm_kernel<T, kTensorCore, false, true> : gemm_kernel<T, kTensorCore, false, false>);
+  kernel<<<static_cast<unsigned>(p.tiles_m * p.tiles_n), Cfg::kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// Core selection: Auto = tensor cores for fp16/bf16, SIMT for fp32; TensorCore for fp32 is
+// rejected (no TF32); Simt = the FFMA kernel for every dtype.
+template <typename T>
+cudaError_t run_gemm(const GemmParams<T>& p, GemmCore core, cudaStream_t stream) {
+  if (std::is_same<T, float>::value && core == GemmCore::TensorCore) return cudaErrorInvalidValue;
+  if (p.M == 0 || p.N == 0) return cudaSuccess;
+  if constexpr (std::is_same<T, float>::value) {
+    return launch_gemm<T, false>(p, stream);
+  } else {
+    return core == GemmCore::Simt ? launch_gemm<T, false>(p, stream)
+                                  : launch_gemm<T, true>(p, stream);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward elementwise pass.
+//
+// dZ[m, n] = dY[m, n] * act'(saved[m, n]) in fp32, stored rounded to T. With a bias, also
+// db[n] = sum_m dZ[m, n] over the fp32 dZ values, reduced deterministically in two steps:
+//   grad_preact_kernel:  block = 32 columns x 8 row lanes over one chunk of rows; lane ty
+//                        sums rows ty, ty + 8, ... of the chunk, then the 8 lane sums are
+//                        added in order and written to partial[chunk * N + n];
+//   bias_grad_kernel:    db[n] = sum over chunks c = 0, 1, ... of partial[c * N + n].
+// The row chunking depends on M only, so the result is bitwise reproducible for given sizes.
+
+constexpr int kEwCols = 32;     // columns per block (one per lane: coalesced rows)
+constexpr int kEwRowLanes = 8;  // blockDim.y
+constexpr int64_t kBiasMaxChunks = 512;
+constexpr int64_t kBiasMinChunkRows = 64;
+
+int64_t bias_chunk_rows(int64_t M) {
+  const int64_t rows = ceil_div(M, kBiasMaxChunks);
+  return rows > kBiasMinChunkRows ? rows : kBiasMinChunkRows;
+}
+int64_t bias_num_chunks(int64_t M) { return M > 0 ? ceil_div(M, bias_chunk_rows(M)) : 0; }
+
+template <typename T>
+__global__ void __launch_bounds__(kEwCols * kEwRowLanes)
+    grad_preact_kernel(const T* __restrict__ grad_out, const T* __restrict__ saved,
+                       T* __restrict__ grad_preact, float* __restrict__ partial, int64_t M,
+                       int64_t N, int64_t chunk_rows, int64_t col_blocks, Activation act,
+                       bool saved_is_output, float slope) {
+  const int64_t chunk = blockIdx.x / col_blocks;
+  const int64_t n = (blockIdx.x % col_blocks) * kEwCols + threadIdx.x;
+  const int64_t row_begin = chunk * chunk_rows;
+  const int64_t row_end = row_begin + chunk_rows < M ? row_begin + chunk_rows : M;
+  float sum = 0.0f;
+  if (n < N) {
+#pragma unroll 4
+    for (int64_t m = row_begin + threadIdx.y; m < row_end; m += kEwRowLanes) {
+      const int64_t off = m * N + n;
+      const float dz = Elem<T>::to_float(grad_out[off]) *
+                       activation_grad<float>(act, Elem<T>::to_float(saved[off]),
+                                              saved_is_output, slope);
+      grad_preact[off] = Elem<T>::from_float(dz);
+      sum += dz;
+    }
+  }
+  if (partial == nullptr) return;  // uniform over the launch
+  __shared__ float lane_sums[kEwRowLanes][kEwCols];
+  lane_sums[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && n < N) {
+    float s = 0.0f;
+#pragma unroll
+    for (int r = 0; r < kEwRowLanes; ++r) s += lane_sums[r][threadIdx.x];
+    partial[chunk * N + n] = s;
+  }
+}
+
+// db[n] = sum_{c < num_chunks} partial[c * N + n] in increasing c; 0 when M == 0.
+template <typename T>
+__global__ void bias_grad_kernel(const float* __restrict__ partial, T* __restrict__ grad_bias,
+                                 int64_t num_chunks, int64_t N) {
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (n >= N) return;
+  float s = 0.0f;
+  for (int64_t c = 0; c < num_chunks; ++c) s += partial[c * N + n];
+  grad_bias[n] = Elem<T>::from_float(s);
+}
+
+// ---------------------------------------------------------------------------------------
+// Argument checks and dtype dispatch.
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+bool valid_dtype(DType d) {
+  return d == DType::Float32 || d == DType::Float16 || d == DType::BFloat16;
+}
+bool valid_core(GemmCore c) {
+  return c == GemmCore::Auto || c == GemmCore::TensorCore || c == GemmCore::Simt;
+}
+bool valid_activation(Activation a) {
+  return static_cast<int>(a) >= 0 && static_cast<int>(a) < kNumActivations;
+}
+
+template <typename F>
+cudaError_t dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::Float32:
+      return f(Tag<float>{});
+    case DType::Float16:
+      return f(Tag<__half>{});
+    case DType::BFloat16:
+      return f(Tag<__nv_bfloat16>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------
+// Launchers (see linear_act.h). A pointer is required only when its tensor has elements.
+
+cudaError_t linear_act_forward(DType dtype, const void* input, int64_t input_row_stride,
+                               const void* weight, const void* bias, void* out, void* preact,
+                               int64_t M, int64_t N, int64_t K, Activation act,
+                               float negative_slope, GemmCore core, cudaStream_t stream) {
+  if (!valid_dtype(dtype) || !valid_core(core) || !valid_activation(act) || M < 0 || N < 0 ||
+      K < 0)
+    return cudaErrorInvalidValue;
+  if ((M > 0 && K > 0 && input == nullptr) || (N > 0 && K > 0 && weight == nullptr) ||
+      (M > 0 && N > 0 && out == nullptr))
+    return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    GemmParams<T> p{};
+    p.a = {static_cast<const T*>(input), input_row_stride, 1, false};
+    p.b = {static_cast<const T*>(weight), K, 1, false};  // X(n, k) = weight[n * K + k]
+    p.M = M;
+    p.N = N;
+    p.K = K;
+    p.out = static_cast<T*>(out);
+    p.preact = static_cast<T*>(preact);
+    p.bias = static_cast<const T*>(bias);
+    p.act = act;
+    p.slope = negative_slope;
+    return run_gemm(p, core, stream);
+  });
+}
+
+cudaError_t gemm(DType dtype, const void* a, int64_t a_row_stride, int64_t a_col_stride,
+                 const void* b, int64_t b_row_stride, int64_t b_col_stride, void* c, int64_t M,
+                 int64_t N, int64_t K, GemmCore core, cudaStream_t stream) {
+  if (!valid_dtype(dtype) || !valid_core(core) || M < 0 || N < 0 || K < 0)
+    return cudaErrorInvalidValue;
+  if ((M > 0 && K > 0 && a == nullptr) || (K > 0 && N > 0 && b == nullptr) ||
+      (M > 0 && N > 0 && c == nullptr))
+    return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    GemmParams<T> p{};
+    p.a = {static_cast<const T*>(a), a_row_stride, a_col_stride, false};
+    p.b = {static_cast<const T*>(b), b_col_stride, b_row_stride, false};  // X(n, k) = B(k, n)
+    p.M = M;
+    p.N = N;
+    p.K = K;
+    p.out = static_cast<T*>(c);
+    p.act = Activation::None;
+    return run_gemm(p, core, stream);
+  });
+}
+
+size_t linear_act_grad_preact_workspace_bytes(int64_t M, int64_t N) {
+  if (M <= 0 || N <= 0) return 0;
+  return static_cast<size_t>(bias_num_chunks(M)) * static_cast<size_t>(N) * sizeof(float);
+}
+
+cudaError_t linear_act_grad_preact(DType dtype, const void* grad_out, const void* saved,
+                                   bool saved_is_output, void* grad_preact, void* grad_bias,
+                                   void* workspace, int64_t M, int64_t N, Activation act,
+                                   float negative_slope, cudaStream_t stream) {
+  if (!valid_dtype(dtype) || !valid_activation(act) || M < 0 || N < 0)
+    return cudaErrorInvalidValue;
+  // act'(y) is only defined for the activations grad_from_output admits.
+  if (saved_is_output && !grad_from_output(act, negative_slope)) return cudaErrorInvalidValue;
+  const bool has_elems = M > 0 && N > 0;
+  if (has_elems && (grad_out == nullptr || saved == nullptr || grad_preact == nullptr))
+    return cudaErrorInvalidValue;
+  if (grad_bias != nullptr && has_elems && workspace == nullptr) return cudaErrorInvalidValue;
+  if (N == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
+    using T = typename decltype(tag)::type;
+    const int64_t num_chunks = bias_num_chunks(M);
+    float* partial = grad_bias != nullptr ? static_cast<float*>(workspace) : nullptr;
+    if (has_elems) {
+      const int64_t col_blocks = ceil_div(N, kEwCols);
+      if (num_chunks > INT_MAX / col_blocks) return cudaErrorInvalidValue;
+      grad_preact_kernel<T>
+          <<<static_cast<unsigned>(num_chunks * col_blocks), dim3(kEwCols, kEwRowLanes), 0,
+             stream>>>(static_cast<const T*>(grad_out), static_cast<const T*>(saved),
+                       static_cast<T*>(grad_preact), partial, M, N, bias_chunk_rows(M),
+                       col_blocks, act, saved_is_output, negative_slope);
+      const cudaError_t err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
+    if (grad_bias != nullptr) {  // also when M == 0: db = 0
+      constexpr int kThreads = 256;
+      const int64_t blocks = ceil_div(N, kThreads);
+      if (blocks > INT_MAX) return cudaErrorInvalidValue;
+      bias_grad_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          partial, static_cast<T*>(grad_bias), num_chunks, N);
+      return cudaGetLastError();
+    }
+    return cudaSuccess;
+  });
+}
+
+}  // namespace cuda
+}  // namespace pykernels
