@@ -1,0 +1,1 @@
+"""Triton kernels of pykernels (GPU, or CPU tensors under ``TRITON_INTERPRET=1``)."""

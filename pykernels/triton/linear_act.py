@@ -1,0 +1,432 @@
+"""Fused linear + activation in Triton.
+
+Forward:   z = x @ W^T + b,   y = act(z)
+Backward:  dZ = dY * act'(S), S = y or z (see activations.grad_from_output)
+           dX = dZ @ W,   dW = dZ^T @ X,   db[n] = sum_m dZ[m, n]
+
+Every product runs through one GEMM kernel, c = act(a @ b + bias), which takes arbitrary
+strides for every operand, so W^T, dZ^T and strided inputs need no copy. The activation math
+mirrors kernels/activation.h, which the CUDA and C++ CPU backends share.
+
+How the backward gets dZ: a fused elementwise kernel writes dZ once, and the two GEMMs read
+it. The alternative was to recompute dY * act'(S) as an A-operand prologue in each GEMM. For
+E bytes per element, the prologue reads dY and S in both GEMMs (4 MN E of compulsory
+traffic). The separate pass reads them once, writes dZ, and reads dZ twice (5 MN E). That
+extra MN E is small next to the GEMMs' 4MNK flops. But a GEMM loads each A tile again for
+every output tile along the other dimension (K / BLOCK_N times). So the prologue would
+evaluate act' (erf, exp) that many times per element, inside the main loop, on CUDA cores
+that are about 15x slower than the tensor cores. It would also double the A-operand traffic
+and send A through registers. By a rough count, for gelu with K = 4096 that costs about as
+much as the GEMM itself.
+
+The dZ kernel also emits the bias gradient: each program writes fp32 column sums of its
+rows, and a second kernel adds them up in a fixed order, so the result is deterministic and
+needs no atomics. The CUDA backend uses the same design and the same rounding of dZ to the
+dtype.
+"""
+
+import os
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from pykernels.activations import ACTIVATION_IDS
+
+_NONE = tl.constexpr(ACTIVATION_IDS["none"])
+_RELU = tl.constexpr(ACTIVATION_IDS["relu"])
+_GELU = tl.constexpr(ACTIVATION_IDS["gelu"])
+_GELU_TANH = tl.constexpr(ACTIVATION_IDS["gelu_tanh"])
+_SILU = tl.constexpr(ACTIVATION_IDS["silu"])
+_SIGMOID = tl.constexpr(ACTIVATION_IDS["sigmoid"])
+_TANH = tl.constexpr(ACTIVATION_IDS["tanh"])
+_LEAKY_RELU = tl.constexpr(ACTIVATION_IDS["leaky_relu"])
+
+# These constants go after a tensor in products, as in z * _INV_SQRT2: under the
+# interpreter, constexpr * tensor wraps the tensor in a constexpr.
+_INV_SQRT2 = tl.constexpr(0.70710678118654752440)
+_INV_SQRT_2PI = tl.constexpr(0.39894228040143267794)
+_SQRT_2_OVER_PI = tl.constexpr(0.79788456080286535588)
+_GELU_CUBIC = tl.constexpr(0.044715)
+
+# The dZ kernel: each program covers ROWS_PER_PROGRAM rows by BLOCK_N columns, BLOCK_M rows
+# at a time, and writes one row of fp32 bias partial sums.
+_ACT_GRAD_BLOCK_M = 32
+_ACT_GRAD_BLOCK_N = 128
+_ACT_GRAD_ROWS_PER_PROGRAM = 256
+_COLUMN_SUM_BLOCK_R = 16
+_COLUMN_SUM_BLOCK_N = 128
+
+
+@triton.jit
+def _slope(slope_hi, slope_lo, ACC_DTYPE: tl.constexpr):
+    """The leaky_relu slope in ACC_DTYPE, from the float32 pair of _split_slope."""
+    return tl.cast(slope_hi, ACC_DTYPE) + tl.cast(slope_lo, ACC_DTYPE)
+
+
+@triton.jit
+def _sigmoid(z):
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _tanh(z):
+    """tanh(z) = sign(z) (1 - e) / (1 + e), with e = exp(-2|z|) in (0, 1], so nothing overflows.
+
+    This is built from exp because tl.math has no tanh, and libdevice does not run under the
+    interpreter. The absolute error is about 1 ulp of 1. Near
+    0 the relative error grows, because 1 - e cancels.
+    """
+    e = tl.exp(-2.0 * tl.abs(z))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(z < 0, -t, t)
+
+
+@triton.jit
+def _activation(z, ACTIVATION: tl.constexpr, negative_slope):
+    """y = act(z), in z's dtype, with torch's semantics: relu and leaky_relu propagate NaN.
+
+    gelu is 0.5 z (1 + erf(z / sqrt 2)) and gelu_tanh is
+    0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3))).
+    """
+    if ACTIVATION == _RELU:
+        y = tl.where(z <= 0, 0.0, z)
+    elif ACTIVATION == _GELU:
+        y = 0.5 * z * (1.0 + tl.math.erf(z * _INV_SQRT2))
+    elif ACTIVATION == _GELU_TANH:
+        y = 0.5 * z * (1.0 + _tanh((z + z * _GELU_CUBIC * z * z) * _SQRT_2_OVER_PI))
+    elif ACTIVATION == _SILU:
+        y = z * _sigmoid(z)
+    elif ACTIVATION == _SIGMOID:
+        y = _sigmoid(z)
+    elif ACTIVATION == _TANH:
+        y = _tanh(z)
+    elif ACTIVATION == _LEAKY_RELU:
+        y = tl.where(z > 0, z, z * negative_slope)
+    else:
+        y = z
+    return y
+
+
+@triton.jit
+def _activation_backward(dy, s, ACTIVATION: tl.constexpr, SAVED_IS_OUTPUT: tl.constexpr,
+                         negative_slope):
+    """dz = dy * act'(z), with s the output y (SAVED_IS_OUTPUT) or the pre-activation z.
+
+    relu selects rather than multiplies: dz = s <= 0 ? 0 : dy. That makes a masked entry
+    exactly 0 even where dy is inf or NaN, and passes dy through at s = NaN, as torch's
+    threshold_backward does. For the other activations dz = dy * act', where act' is:
+    leaky_relu: s > 0 ? 1 : slope (the same test works on y, because slope >= 0 there)
+    sigmoid:    y (1 - y), y = s or sigmoid(z)
+    tanh:       1 - y^2,   y = s or tanh(z)
+    gelu:       Phi(z) + z phi(z)
+    gelu_tanh:  0.5 (1 + t) + 0.5 z (1 - t^2) sqrt(2/pi) (1 + 3 c z^2),
+                t = tanh(sqrt(2/pi) (z + c z^3))
+    silu:       sig (1 + z (1 - sig)), sig = sigmoid(z)
+    'none' has no case here: its dz is dy, and the caller does not load s for it.
+    """
+    if ACTIVATION == _RELU:
+        dz = tl.where(s <= 0, 0.0, dy)
+    else:
+        if ACTIVATION == _LEAKY_RELU:
+            d = tl.where(s > 0, 1.0, negative_slope)
+        elif ACTIVATION == _SIGMOID:
+            if SAVED_IS_OUTPUT:
+                y = s
+            else:
+                y = _sigmoid(s)
+            d = y * (1.0 - y)
+        elif ACTIVATION == _TANH:
+            if SAVED_IS_OUTPUT:
+                y = s
+            else:
+                y = _tanh(s)
+            d = 1.0 - y * y
+        elif ACTIVATION == _GELU:
+            d = (0.5 * (1.0 + tl.math.erf(s * _INV_SQRT2))
+                 + s * _INV_SQRT_2PI * tl.exp(-0.5 * s * s))
+        elif ACTIVATION == _GELU_TANH:
+            t = _tanh((s + s * _GELU_CUBIC * s * s) * _SQRT_2_OVER_PI)
+            d = 0.5 * (1.0 + t) + 0.5 * s * (1.0 - t * t) * _SQRT_2_OVER_PI * (
+                1.0 + s * (3.0 * _GELU_CUBIC) * s
+            )
+        else:
+            tl.static_assert(ACTIVATION == _SILU, "'none' has no act': dz is dy")
+            sig = _sigmoid(s)
+            d = sig * (1.0 + s * (1.0 - sig))
+        dz = dy * d
+    return dz
+
+
+def _gemm_configs():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # CPU tensors under the interpreter: one small tile keeps it fast and skips autotuning.
+        return [
+            triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8},
+                          num_warps=4, num_stages=3)
+        ]
+    # H100 candidates (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps). The autotuner skips
+    # any that run out of shared memory for the dtype (e.g. the largest ones for float32).
+    shapes = [
+        (128, 256, 64, 3, 8),
+        (256, 128, 64, 3, 8),
+        (128, 128, 64, 4, 8),
+        (128, 128, 32, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (64, 32, 32, 4, 4),
+    ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                      num_warps=warps, num_stages=stages)
+        for bm, bn, bk, stages, warps in shapes
+    ]
+
+
+@triton.autotune(configs=_gemm_configs(),
+                 key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "INPUT_PRECISION"])
+@triton.jit
+def _gemm_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr, preact_ptr,
+    M, N, K,
+    M_BUCKET, N_BUCKET, K_BUCKET,  # only the autotune key: the sizes rounded up to powers of 2
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_bias,
+    slope_hi, slope_lo,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PREACT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """c = act(a @ b + bias), for a (M, K), b (K, N), bias (N), and c, preact (M, N).
+
+    All strides are arbitrary; preact has c's strides. The kernel accumulates in ACC_DTYPE
+    (float32, or float64 for float64 inputs). It adds the bias to the accumulator and, when
+    STORE_PREACT, stores that pre-activation. It then applies the activation and rounds once
+    to c's dtype. The forward runs it on (x, W^T). The backward runs it on (dZ, W) and
+    (dZ^T, X), with no bias and no activation.
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped order: GROUP_M row tiles in a row use each column tile of b while it is in L2.
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_per_group) % group_rows
+    pid_n = (pid % pids_per_group) // group_rows
+
+    # All offsets are int64, so tensors past 2^31 elements stay addressable.
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :].to(tl.int64) * stride_ak
+    b_ptrs = b_ptr + rk[:, None].to(tl.int64) * stride_bk + rn[None, :] * stride_bn
+    a_step = tl.cast(stride_ak, tl.int64) * BLOCK_K
+    b_step = tl.cast(stride_bk, tl.int64) * BLOCK_K
+    mask_m = rm[:, None] < M
+    mask_n = rn[None, :] < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_ptrs, mask=mask_m & (rk[None, :] < K - k0), other=0.0)
+        b = tl.load(b_ptrs, mask=(rk[:, None] < K - k0) & mask_n, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += a_step
+        b_ptrs += b_step
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn * stride_bias, mask=rn < N, other=0.0)
+        acc += bias.to(ACC_DTYPE)[None, :]
+    c_offsets = rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    mask = mask_m & mask_n
+    if STORE_PREACT:
+        tl.store(preact_ptr + c_offsets, acc.to(preact_ptr.dtype.element_ty), mask=mask)
+    y = _activation(acc, ACTIVATION, _slope(slope_hi, slope_lo, ACC_DTYPE))
+    tl.store(c_ptr + c_offsets, y.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _act_grad_kernel(
+    grad_out_ptr, saved_ptr, dz_ptr, partial_ptr,
+    M, N,
+    stride_gm, stride_gn, stride_sm, stride_sn,
+    slope_hi, slope_lo,
+    ACTIVATION: tl.constexpr, SAVED_IS_OUTPUT: tl.constexpr, STORE_DZ: tl.constexpr,
+    BIAS_PARTIALS: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    ROWS_PER_PROGRAM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dZ = dY * act'(S) over one slab of ROWS_PER_PROGRAM rows by BLOCK_N columns.
+
+    dZ is computed in ACC_DTYPE. When STORE_DZ, it is stored to dz (contiguous (M, N)) in
+    dz's dtype. When BIAS_PARTIALS, the program writes the slab's column sums,
+    partial[pid_m, n] = sum over the slab's rows m of dZ[m, n], in ACC_DTYPE.
+    """
+    negative_slope = _slope(slope_hi, slope_lo, ACC_DTYPE)
+    pid_m = tl.program_id(0)
+    rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = rn[None, :] < N
+    col_sums = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for m0 in range(0, ROWS_PER_PROGRAM, BLOCK_M):
+        rm = pid_m.to(tl.int64) * ROWS_PER_PROGRAM + m0 + tl.arange(0, BLOCK_M)
+        mask = (rm[:, None] < M) & mask_n
+        # Masked elements load dY = 0, so they add nothing to the column sums.
+        dz = tl.load(grad_out_ptr + rm[:, None] * stride_gm + rn[None, :] * stride_gn,
+                     mask=mask, other=0.0).to(ACC_DTYPE)
+        if ACTIVATION != _NONE:
+            s = tl.load(saved_ptr + rm[:, None] * stride_sm + rn[None, :] * stride_sn,
+                        mask=mask, other=0.0).to(ACC_DTYPE)
+            dz = _activation_backward(dz, s, ACTIVATION, SAVED_IS_OUTPUT, negative_slope)
+        if STORE_DZ:
+            tl.store(dz_ptr + rm[:, None] * N + rn[None, :], dz.to(dz_ptr.dtype.element_ty),
+                     mask=mask)
+        if BIAS_PARTIALS:
+            col_sums += dz
+    if BIAS_PARTIALS:
+        tl.store(partial_ptr + pid_m.to(tl.int64) * N + rn, tl.sum(col_sums, axis=0),
+                 mask=rn < N)
+
+
+@triton.jit
+def _column_sum_kernel(partial_ptr, out_ptr, R, N, ACC_DTYPE: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[n] = sum_r partial[r, n] for a contiguous (R, N) partial, rounded once to out's dtype.
+
+    The summation order is fixed, so the result is deterministic.
+    """
+    rn = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=ACC_DTYPE)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        acc += tl.load(partial_ptr + rr[:, None].to(tl.int64) * N + rn[None, :],
+                       mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
+    tl.store(out_ptr + rn, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=rn < N)
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def _split_slope(negative_slope):
+    """The slope as hi + lo, two float32 values.
+
+    Triton passes a Python float to a kernel as float32, which would round the slope for
+    float64 tensors. hi + lo carries about 48 bits, and in float32 it rounds back to hi.
+    """
+    hi = struct.unpack("f", struct.pack("f", negative_slope))[0]
+    return hi, struct.unpack("f", struct.pack("f", negative_slope - hi))[0]
+
+
+def _input_precision(dtype):
+    """The tl.dot precision.
+
+    float32 uses TF32 only where torch allows it; torch's default is exact fp32. The setting
+    has no effect on 16-bit operands, and float64 is always exact.
+    """
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _gemm(a, b, out, bias=None, activation=0, negative_slope=0.0, preact=None):
+    """out = act(a @ b + bias), with a (M, K) and b (K, N) any strided views.
+
+    It also stores the pre-activation into preact, which must be shaped and strided like out.
+    """
+    M, K = a.shape
+    N = b.shape[1]
+    if out.numel() == 0:
+        return
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _gemm_kernel[grid](
+        a, b, out, out if bias is None else bias, out if preact is None else preact,
+        M, N, K,
+        triton.next_power_of_2(M), triton.next_power_of_2(N), triton.next_power_of_2(K),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        0 if bias is None else bias.stride(0),
+        *_split_slope(negative_slope),
+        HAS_BIAS=bias is not None, ACTIVATION=activation, STORE_PREACT=preact is not None,
+        ACC_DTYPE=_TL_DTYPES[_acc_dtype(a.dtype)], INPUT_PRECISION=_input_precision(a.dtype),
+    )
+
+
+def linear_act_forward(input, weight, bias, activation: int, negative_slope: float,
+                       save_preact: bool):
+    """out = act(input @ weight^T + bias), plus the pre-activation if save_preact.
+
+    input is (M, K) and weight is (N, K), both with any strides; bias is (N) or None. out is
+    contiguous (M, N) in input's dtype. preact is (M, N), or empty when not saved.
+    """
+    M = input.shape[0]
+    N = weight.shape[0]
+    out = torch.empty((M, N), dtype=input.dtype, device=input.device)
+    preact = (torch.empty((M, N), dtype=input.dtype, device=input.device) if save_preact
+              else input.new_empty(0))
+    _gemm(input, weight.t(), out, bias=bias, activation=activation,
+          negative_slope=negative_slope, preact=preact if save_preact else None)
+    return out, preact
+
+
+def linear_act_backward(grad_out, input, weight, saved, activation: int, negative_slope: float,
+                        saved_is_output: bool, has_bias: bool, need_input_grad: bool,
+                        need_weight_grad: bool):
+    """Gradients of out = act(input @ weight^T + bias).
+
+    Takes grad_out (M, N), and saved (M, N), which is y if saved_is_output and z otherwise.
+        dZ          = grad_out * act'(saved)
+        grad_input  = dZ @ weight            (M, K)
+        grad_weight = dZ^T @ input           (N, K)
+        grad_bias   = sum_m dZ[m, :]         (N)
+    Any gradient that is not needed comes back as an empty tensor.
+    """
+    M, K = input.shape
+    N = weight.shape[0]
+
+    def maybe_empty(shape, needed, like):
+        # A fresh tensor per output: the outputs of a custom op must not alias each other.
+        return like.new_empty(shape if needed else (0,))
+
+    grad_input = maybe_empty((M, K), need_input_grad, input)
+    grad_weight = maybe_empty((N, K), need_weight_grad, weight)
+    grad_bias = maybe_empty((N,), has_bias, weight)
+    if M == 0:
+        return grad_input, grad_weight.zero_(), grad_bias.zero_()
+
+    # Without an activation, dZ is grad_out itself: the GEMMs read it in place. Tensors a
+    # launch never reads (saved without an activation, partial without a bias) get a
+    # non-empty stand-in, so no launch receives an empty tensor's pointer.
+    has_act = activation != ACTIVATION_IDS["none"]
+    saved = saved if has_act else grad_out
+    store_dz = has_act and (need_input_grad or need_weight_grad)
+    dz = torch.empty((M, N), dtype=input.dtype, device=input.device) if store_dz else grad_out
+    if (store_dz or has_bias) and N > 0:
+        row_programs = triton.cdiv(M, _ACT_GRAD_ROWS_PER_PROGRAM)
+        acc_dtype = _acc_dtype(input.dtype)
+        partial = (torch.empty((row_programs, N), dtype=acc_dtype, device=input.device)
+                   if has_bias else grad_out)
+        _act_grad_kernel[(row_programs, triton.cdiv(N, _ACT_GRAD_BLOCK_N))](
+            grad_out, saved, dz, partial,
+            M, N,
+            grad_out.stride(0), grad_out.stride(1), saved.stride(0), saved.stride(1),
+            *_split_slope(negative_slope),
+            ACTIVATION=activation, SAVED_IS_OUTPUT=saved_is_output, STORE_DZ=store_dz,
+            BIAS_PARTIALS=has_bias, ACC_DTYPE=_TL_DTYPES[acc_dtype],
+            ROWS_PER_PROGRAM=_ACT_GRAD_ROWS_PER_PROGRAM, BLOCK_M=_ACT_GRAD_BLOCK_M,
+            BLOCK_N=_ACT_GRAD_BLOCK_N,
+        )
+        if has_bias:
+            _column_sum_kernel[(triton.cdiv(N, _COLUMN_SUM_BLOCK_N),)](
+                partial, grad_bias, row_programs, N, ACC_DTYPE=_TL_DTYPES[acc_dtype],
+                BLOCK_R=_COLUMN_SUM_BLOCK_R, BLOCK_N=_COLUMN_SUM_BLOCK_N,
+            )
+    if need_input_grad:
+        _gemm(dz, weight, grad_input)
+    if need_weight_grad:
+        _gemm(dz.t(), input, grad_weight)
+    return grad_input, grad_weight, grad_bias
