@@ -47,8 +47,9 @@ size_t linear_act_grad_preact_workspace_bytes(int64_t M, int64_t N);
 // (saved_is_output) or the pre-activation; and, when grad_bias is non-null, the fused
 // column sums grad_bias[n] = sum_m grad_preact[m, n] of the fp32 values (before rounding),
 // reduced in fp32 through workspace (deterministic: fixed partition, fixed order) and
-// stored in dtype. With M == 0, grad_bias is filled with zeros. saved_is_output requires grad_from_output(act, slope)
-// (else cudaErrorInvalidValue). workspace may be null when grad_bias is null.
+// stored in dtype. With M == 0, grad_bias is filled with zeros. saved_is_output requires
+// grad_from_output(act, slope) (else cudaErrorInvalidValue). workspace may be null when
+// grad_bias is null.
 cudaError_t linear_act_grad_preact(DType dtype, const void* grad_out, const void* saved,
                                    bool saved_is_output, void* grad_preact, void* grad_bias,
                                    void* workspace, int64_t M, int64_t N, Activation act,

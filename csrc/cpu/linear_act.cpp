@@ -1,6 +1,6 @@
 // Fused linear + activation on the CPU.
 //
-// Forward: z = input @ weight^T by ATen's GEMM, then ONE pass over z that adds the bias,
+// Forward: z = input @ weight^T + bias by ATen's GEMM (addmm), then ONE pass over z that
 // applies the activation and, only where the backward needs it, keeps z; otherwise the
 // output overwrites z in place, so the forward allocates a single (M, N) tensor.
 //
@@ -11,35 +11,30 @@
 // ONE pass computes dz and the bias column sums together; the two GEMMs are ATen's.
 // The pass is split over column blocks, so each column is summed by one thread in row
 // order: the result does not depend on the thread count (bitwise reproducible).
+//
+// The float32 passes run the SIMD loops of linear_act_vec_impl.h (ATen's Vectorized<float>
+// with Sleef's vector exp/tanh), built as an AVX-512 and an AVX2 + FMA unit and picked at
+// run time to match torch's own CPU capability; float64 (gradcheck) and other CPUs run the
+// scalar loops below. Both evaluate the same formulas, those of kernels/activation.h.
 #include "cpu/linear_act.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 
+#include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
+
+#include "cpu/linear_act_simd.h"
 
 namespace pykernels {
 namespace cpu {
 namespace {
 
-// Calls fn(std::integral_constant<Activation, A>{}) so the per-element switch on the
-// activation is resolved at compile time and the inner loops can vectorize.
-template <typename Fn>
-void dispatch_activation(Activation act, Fn&& fn) {
-  switch (act) {
-    case Activation::None: return fn(std::integral_constant<Activation, Activation::None>{});
-    case Activation::Relu: return fn(std::integral_constant<Activation, Activation::Relu>{});
-    case Activation::Gelu: return fn(std::integral_constant<Activation, Activation::Gelu>{});
-    case Activation::GeluTanh:
-      return fn(std::integral_constant<Activation, Activation::GeluTanh>{});
-    case Activation::Silu: return fn(std::integral_constant<Activation, Activation::Silu>{});
-    case Activation::Sigmoid:
-      return fn(std::integral_constant<Activation, Activation::Sigmoid>{});
-    case Activation::Tanh: return fn(std::integral_constant<Activation, Activation::Tanh>{});
-    case Activation::LeakyRelu:
-      return fn(std::integral_constant<Activation, Activation::LeakyRelu>{});
-  }
-  TORCH_CHECK(false, "pykernels: unknown activation id ", static_cast<int>(act));
+void check_activation(Activation act) {
+  const int id = static_cast<int>(act);
+  TORCH_CHECK(id >= 0 && id < kNumActivations, "pykernels: unknown activation id ", id);
 }
 
 // Column block of the backward pass: wide enough for the vector units, narrow enough
@@ -53,36 +48,130 @@ int64_t row_grain(int64_t columns) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, columns));
 }
 
+CpuIsa detect_isa() {
+#if PYKERNELS_CPU_VEC_LOOPS
+  __builtin_cpu_init();
+  // ATen's choice (ATEN_CPU_CAPABILITY, else what it detected) caps ours.
+  const std::string aten = at::get_cpu_capability();
+  if (aten == "AVX512" && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx2") &&
+      __builtin_cpu_supports("fma"))
+    return CpuIsa::Avx512;
+  if ((aten == "AVX2" || aten == "AVX512") && __builtin_cpu_supports("avx2") &&
+      __builtin_cpu_supports("fma"))
+    return CpuIsa::Avx2;
+#endif
+  return CpuIsa::Scalar;
+}
+
+// The ISA the passes run at for scalar_t: float32 takes the SIMD units, float64 the scalar
+// loops.
+template <typename scalar_t>
+CpuIsa isa_for() {
+  return std::is_same<scalar_t, float>::value ? linear_act_cpu_isa() : CpuIsa::Scalar;
+}
+
+// The SIMD entry points, reachable from the generic code below for any scalar_t; only
+// called for float (isa_for).
+template <typename scalar_t>
+void forward_rows_vec(CpuIsa isa, Activation act, const scalar_t* z, scalar_t* y,
+                      int64_t rows, int64_t N, scalar_t slope) {
+#if PYKERNELS_CPU_VEC_LOOPS
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    if (isa == CpuIsa::Avx512)
+      linear_act_forward_rows_avx512(act, z, y, rows, N, slope);
+    else
+      linear_act_forward_rows_avx2(act, z, y, rows, N, slope);
+  }
+#endif
+}
+
+template <typename scalar_t>
+void backward_cols_vec(CpuIsa isa, Activation act, bool saved_is_output, const scalar_t* dy,
+                       const scalar_t* saved, scalar_t* dz, double* acc, int64_t M, int64_t N,
+                       int64_t n0, int64_t n1, scalar_t slope) {
+#if PYKERNELS_CPU_VEC_LOOPS
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    if (isa == CpuIsa::Avx512)
+      linear_act_backward_cols_avx512(act, saved_is_output, dy, saved, dz, acc, M, N, n0, n1,
+                                      slope);
+    else
+      linear_act_backward_cols_avx2(act, saved_is_output, dy, saved, dz, acc, M, N, n0, n1,
+                                    slope);
+  }
+#endif
+}
+
+// Scalar forward over rows [begin, end): y = act(z); y == z is allowed (in place).
+template <Activation A, typename scalar_t>
+void forward_rows_scalar(const scalar_t* zp, scalar_t* yp, int64_t begin, int64_t end,
+                         int64_t N, scalar_t slope) {
+  for (int64_t i = begin * N; i < end * N; ++i) {
+    yp[i] = activation_forward<scalar_t>(A, zp[i], slope);
+  }
+}
+
+// Scalar backward over columns [n0, n1) of all rows: dz = dy * act'(saved), and
+// acc[n - n0] += dz in row order (acc may be null).
+template <Activation A, bool SavedIsOutput, typename scalar_t>
+void backward_cols_scalar(const scalar_t* dyp, const scalar_t* sp, scalar_t* dzp, double* acc,
+                          int64_t M, int64_t N, int64_t n0, int64_t n1, scalar_t slope) {
+  for (int64_t m = 0; m < M; ++m) {
+    const scalar_t* dyrow = dyp + m * N;
+    const scalar_t* srow = sp + m * N;
+    scalar_t* dzrow = dzp + m * N;
+    for (int64_t n = n0; n < n1; ++n) {
+      const scalar_t g =
+          activation_backward<SavedIsOutput, scalar_t>(A, dyrow[n], srow[n], slope);
+      if (A != Activation::None) dzrow[n] = g;
+      if (acc) acc[n - n0] += static_cast<double>(g);
+    }
+  }
+}
+
 }  // namespace
+
+CpuIsa linear_act_cpu_isa() {
+  static const CpuIsa isa = detect_isa();
+  return isa;
+}
 
 std::tuple<at::Tensor, at::Tensor> linear_act_forward(const at::Tensor& input,
                                                       const at::Tensor& weight,
                                                       const std::optional<at::Tensor>& bias,
                                                       Activation act, double negative_slope,
                                                       bool save_preact) {
+  check_activation(act);
   const int64_t M = input.size(0);
   const int64_t N = weight.size(0);
-  at::Tensor z = at::mm(input, weight.t()).contiguous();
+  // The bias goes into the GEMM (beta = 1 onto the broadcast bias, as F.linear does): a
+  // separate bias pass over z would cost a full read + write of (M, N) outside the GEMM's
+  // cache blocking. (Fusing the epilogue into row panels of the GEMM instead, so z is
+  // still in L2, measured slower: MKL loses more on the panel calls than the pass costs.)
+  at::Tensor z = (bias.has_value() ? at::addmm(*bias, input, weight.t())
+                                   : at::mm(input, weight.t()))
+                     .contiguous();
   at::Tensor out = save_preact ? at::empty_like(z) : z;
-  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "linear_act_forward_cpu", [&] {
     scalar_t* zp = z.data_ptr<scalar_t>();
     scalar_t* yp = out.data_ptr<scalar_t>();
-    const scalar_t* bp = bias_c.defined() ? bias_c.data_ptr<scalar_t>() : nullptr;
     const scalar_t slope = static_cast<scalar_t>(negative_slope);
-    dispatch_activation(act, [&](auto tag) {
+    // Nothing to do: z is already the output.
+    if (act == Activation::None && yp == zp) return;
+    const CpuIsa isa = isa_for<scalar_t>();
+    if (isa != CpuIsa::Scalar) {
+      at::parallel_for(0, M, row_grain(N), [&](int64_t begin, int64_t end) {
+        forward_rows_vec<scalar_t>(isa, act, zp + begin * N, yp + begin * N, end - begin, N,
+                                   slope);
+      });
+      return;
+    }
+    with_activation(act, [&](auto tag) {
       constexpr Activation A = decltype(tag)::value;
       at::parallel_for(0, M, row_grain(N), [&](int64_t begin, int64_t end) {
-        for (int64_t m = begin; m < end; ++m) {
-          scalar_t* zrow = zp + m * N;
-          scalar_t* yrow = yp + m * N;
-          for (int64_t n = 0; n < N; ++n) {
-            const scalar_t v = bp ? zrow[n] + bp[n] : zrow[n];
-            zrow[n] = v;  // the pre-activation, kept when out is a separate tensor
-            yrow[n] = activation_forward<scalar_t>(A, v, slope);
-          }
-        }
+        forward_rows_scalar<A, scalar_t>(zp, yp, begin, end, N, slope);
       });
     });
   });
@@ -94,6 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& saved, Activation act, double negative_slope, bool saved_is_output,
     bool has_bias, bool need_input_grad, bool need_weight_grad) {
+  check_activation(act);
   const int64_t M = grad_out.size(0);
   const int64_t N = grad_out.size(1);
   const at::Tensor dy = grad_out.contiguous();
@@ -111,29 +201,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
       scalar_t* gbp = has_bias ? grad_bias.data_ptr<scalar_t>() : nullptr;
       const scalar_t slope = static_cast<scalar_t>(negative_slope);
       const int64_t blocks = (N + kColumnBlock - 1) / kColumnBlock;
-      dispatch_activation(act, [&](auto tag) {
-        constexpr Activation A = decltype(tag)::value;
-        at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
-          const int64_t n0 = block_begin * kColumnBlock;
-          const int64_t n1 = std::min(N, block_end * kColumnBlock);
-          // double accumulators: the float32 bias gradient of many rows stays exact to
-          // float32 rounding, like torch's cascade sum.
-          std::vector<double> acc(gbp ? n1 - n0 : 0, 0.0);
-          for (int64_t m = 0; m < M; ++m) {
-            const scalar_t* dyrow = dyp + m * N;
-            const scalar_t* srow = sp + m * N;
-            scalar_t* dzrow = dzp + m * N;
-            for (int64_t n = n0; n < n1; ++n) {
-              const scalar_t g =
-                  A == Activation::None
-                      ? dyrow[n]
-                      : dyrow[n] * activation_grad<scalar_t>(A, srow[n], saved_is_output, slope);
-              if (A != Activation::None) dzrow[n] = g;
-              if (gbp) acc[n - n0] += static_cast<double>(g);
-            }
-          }
-          for (int64_t n = n0; n < n1 && gbp; ++n) gbp[n] = static_cast<scalar_t>(acc[n - n0]);
-        });
+      const CpuIsa isa = isa_for<scalar_t>();
+      at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+        const int64_t n0 = block_begin * kColumnBlock;
+        const int64_t n1 = std::min(N, block_end * kColumnBlock);
+        // double accumulators: the float32 bias gradient of many rows stays exact to
+        // float32 rounding, like torch's cascade sum.
+        std::vector<double> acc_buf(gbp ? n1 - n0 : 0, 0.0);
+        double* acc = gbp ? acc_buf.data() : nullptr;
+        if (isa != CpuIsa::Scalar) {
+          backward_cols_vec<scalar_t>(isa, act, saved_is_output, dyp, sp, dzp, acc, M, N, n0,
+                                      n1, slope);
+        } else {
+          with_activation(act, [&](auto tag) {
+            constexpr Activation A = decltype(tag)::value;
+            if (saved_is_output)
+              backward_cols_scalar<A, true, scalar_t>(dyp, sp, dzp, acc, M, N, n0, n1, slope);
+            else
+              backward_cols_scalar<A, false, scalar_t>(dyp, sp, dzp, acc, M, N, n0, n1, slope);
+          });
+        }
+        for (int64_t n = n0; n < n1 && gbp; ++n) gbp[n] = static_cast<scalar_t>(acc[n - n0]);
       });
     });
   }
