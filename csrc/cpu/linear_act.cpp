@@ -9,8 +9,8 @@
 //   grad_weight = dz^T @ input       (N, K)
 //   grad_bias   = sum over rows of dz (N)
 // ONE pass computes dz and the bias column sums together; the two GEMMs are ATen's.
-// The pass is split over column blocks, so each column is summed by one thread in row
-// order: the result does not depend on the thread count (bitwise reproducible).
+// The pass is split into row chunks fixed by (M, N), whose fp64 partial sums are added in
+// chunk order: the result does not depend on the thread count (bitwise reproducible).
 //
 // The float32 passes run the SIMD loops of linear_act_vec_impl.h (ATen's Vectorized<float>
 // with Sleef's vector exp/tanh), built as an AVX-512 and an AVX2 + FMA unit and picked at
@@ -37,9 +37,9 @@ void check_activation(Activation act) {
   TORCH_CHECK(id >= 0 && id < kNumActivations, "pykernels: unknown activation id ", id);
 }
 
-// Column block of the backward pass: wide enough for the vector units, narrow enough
-// that two cores get several blocks each at N = 512.
-constexpr int64_t kColumnBlock = 64;
+// The backward pass never splits the bias sum into more than this many row chunks, so
+// the fp64 partial sums stay small whatever M is.
+constexpr int64_t kMaxRowChunks = 256;
 
 // Elements per parallel task of the element-wise passes (work per task >> task overhead).
 constexpr int64_t kGrainElements = 32768;
@@ -200,29 +200,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
       scalar_t* dzp = dz.data_ptr<scalar_t>();
       scalar_t* gbp = has_bias ? grad_bias.data_ptr<scalar_t>() : nullptr;
       const scalar_t slope = static_cast<scalar_t>(negative_slope);
-      const int64_t blocks = (N + kColumnBlock - 1) / kColumnBlock;
       const CpuIsa isa = isa_for<scalar_t>();
-      at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
-        const int64_t n0 = block_begin * kColumnBlock;
-        const int64_t n1 = std::min(N, block_end * kColumnBlock);
-        // double accumulators: the float32 bias gradient of many rows stays exact to
-        // float32 rounding, like torch's cascade sum.
-        std::vector<double> acc_buf(gbp ? n1 - n0 : 0, 0.0);
-        double* acc = gbp ? acc_buf.data() : nullptr;
-        if (isa != CpuIsa::Scalar) {
-          backward_cols_vec<scalar_t>(isa, act, saved_is_output, dyp, sp, dzp, acc, M, N, n0,
-                                      n1, slope);
-        } else {
+      // Row chunks sized from (M, N) alone: each chunk streams whole rows and sums its
+      // rows' dz into its own fp64 row of partials; the partials are then added chunk by
+      // chunk in order. The bias gradient is thus bitwise the same for any thread count.
+      const int64_t chunk_rows = std::max(row_grain(N), (M + kMaxRowChunks - 1) / kMaxRowChunks);
+      const int64_t chunks = (M + chunk_rows - 1) / chunk_rows;
+      std::vector<double> partial(gbp ? chunks * N : 0, 0.0);
+      at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+        for (int64_t c = chunk_begin; c < chunk_end; ++c) {
+          const int64_t offset = c * chunk_rows * N;
+          const int64_t rows = std::min(chunk_rows, M - c * chunk_rows);
+          double* acc = gbp ? partial.data() + c * N : nullptr;
+          if (isa != CpuIsa::Scalar) {
+            backward_cols_vec<scalar_t>(isa, act, saved_is_output, dyp + offset, sp + offset,
+                                        dzp + offset, acc, rows, N, 0, N, slope);
+            continue;
+          }
           with_activation(act, [&](auto tag) {
             constexpr Activation A = decltype(tag)::value;
             if (saved_is_output)
-              backward_cols_scalar<A, true, scalar_t>(dyp, sp, dzp, acc, M, N, n0, n1, slope);
+              backward_cols_scalar<A, true, scalar_t>(dyp + offset, sp + offset, dzp + offset,
+                                                      acc, rows, N, 0, N, slope);
             else
-              backward_cols_scalar<A, false, scalar_t>(dyp, sp, dzp, acc, M, N, n0, n1, slope);
+              backward_cols_scalar<A, false, scalar_t>(dyp + offset, sp + offset, dzp + offset,
+                                                       acc, rows, N, 0, N, slope);
           });
         }
-        for (int64_t n = n0; n < n1 && gbp; ++n) gbp[n] = static_cast<scalar_t>(acc[n - n0]);
       });
+      if (gbp) {
+        at::parallel_for(0, N, kGrainElements, [&](int64_t n_begin, int64_t n_end) {
+          for (int64_t n = n_begin; n < n_end; ++n) {
+            double sum = 0.0;  // fp64: the float32 bias gradient is exact to its rounding
+            for (int64_t c = 0; c < chunks; ++c) sum += partial[c * N + n];
+            gbp[n] = static_cast<scalar_t>(sum);
+          }
+        });
+      }
     });
   }
   at::Tensor grad_input = need_input_grad ? at::mm(dz, weight) : at::empty({0}, dy.options());
