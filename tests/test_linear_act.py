@@ -161,6 +161,22 @@ def test_zero_rows(backend, lead):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("k, n", [(0, 4), (5, 0)], ids=["no_in_features", "no_out_features"])
+def test_empty_feature_dims(backend, k, n):
+    # K = 0: the product is empty, so out = act(bias); N = 0: an empty output.
+    x, w, b = make_inputs((3, 2), k, n, True)
+    grad_out = torch.randn(3, 2, n, dtype=torch.float64)
+    ours = forward_and_grads(lambda x, w, b: pykernels.linear_act(x, w, b, "sigmoid",
+                                                                  backend=backend),
+                             x, w, b, grad_out)
+    ref = forward_and_grads(lambda x, w, b: torch_reference(x, w, b, "sigmoid"), x, w, b,
+                            grad_out)
+    for a, e in zip(ours, ref):
+        assert a.shape == e.shape
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_only_requested_gradients(backend):
     x, w, b = make_inputs((6,), 5, 3, True)
     x.requires_grad_(False)

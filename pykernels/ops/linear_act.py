@@ -158,6 +158,11 @@ def _check_args(input, weight, bias, activation, negative_slope):
     return activation_id(activation)
 
 
+def _rows(t):
+    """``t`` as a 2-D (rows, last dim) tensor; explicit sizes, as -1 fails for 0 columns."""
+    return t.reshape(t.shape[:-1].numel(), t.shape[-1])
+
+
 class LinearActFunction(torch.autograd.Function):
     """``act(input @ weight.T + bias)`` as an autograd.Function over the registered ops.
 
@@ -175,18 +180,18 @@ class LinearActFunction(torch.autograd.Function):
             raise ValueError("LinearActFunction runs kernel backends; for backend='torch' "
                              "call pykernels.reference.linear_act")
         save_preact = not grad_from_output(activation, negative_slope)
+        input2d = _rows(input)
         out, preact = torch.ops.pykernels.linear_act_forward(
-            input.reshape(-1, weight.shape[1]), weight, bias, act, float(negative_slope),
-            save_preact, name)
-        _save(ctx, input.reshape(-1, weight.shape[1]), weight, bias, act,
-              float(negative_slope), save_preact, name, out, preact)
+            input2d, weight, bias, act, float(negative_slope), save_preact, name)
+        _save(ctx, input2d, weight, bias, act, float(negative_slope), save_preact, name, out,
+              preact)
         ctx.input_shape = input.shape
         return out.view(*input.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_input, grad_weight, grad_bias = _grads(
-            ctx, grad_out.reshape(-1, grad_out.shape[-1]), ctx.needs_input_grad[:3])
+            ctx, _rows(grad_out), ctx.needs_input_grad[:3])
         if grad_input is not None:
             grad_input = grad_input.view(ctx.input_shape)
         return grad_input, grad_weight, grad_bias, None, None, None
