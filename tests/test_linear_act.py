@@ -42,6 +42,20 @@ def forward_and_grads(fn, x, w, b, grad_out):
     return [out, *torch.autograd.grad(out, inputs, grad_out)]
 
 
+def assert_matches_reference(backend, activation, x, w, b, grad_out, tol,
+                             negative_slope=0.01):
+    """Output and gradients of linear_act equal torch_reference's within tol; returns ours."""
+    ours = forward_and_grads(lambda x, w, b: pykernels.linear_act(
+        x, w, b, activation, negative_slope=negative_slope, backend=backend), x, w, b,
+        grad_out)
+    ref = forward_and_grads(lambda x, w, b: torch_reference(x, w, b, activation,
+                                                            negative_slope), x, w, b, grad_out)
+    for a, e in zip(ours, ref):
+        assert a.shape == e.shape
+        torch.testing.assert_close(a, e, rtol=tol, atol=tol)
+    return ours
+
+
 def test_cpu_backend_is_built_and_listed():
     assert "cpu" in pykernels.backends("cpu")
     assert "torch" in pykernels.backends()
@@ -90,13 +104,8 @@ def test_leaky_relu_slopes(backend, negative_slope):
     # slope < 0 switches the saved tensor from the output to the pre-activation.
     x, w, b = make_inputs((11,), 6, 4, True)
     grad_out = torch.randn(11, 4, dtype=torch.float64)
-    ours = forward_and_grads(lambda x, w, b: pykernels.linear_act(
-        x, w, b, "leaky_relu", negative_slope=negative_slope, backend=backend), x, w, b,
-        grad_out)
-    ref = forward_and_grads(lambda x, w, b: torch_reference(x, w, b, "leaky_relu",
-                                                            negative_slope), x, w, b, grad_out)
-    for a, e in zip(ours, ref):
-        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    assert_matches_reference(backend, "leaky_relu", x, w, b, grad_out, 1e-12,
+                             negative_slope=negative_slope)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -108,14 +117,8 @@ def test_saturating_inputs_stay_finite(backend, activation):
     w = torch.eye(2, requires_grad=True)
     b = torch.zeros(2, requires_grad=True)
     grad_out = torch.ones(3, 2)
-    ours = forward_and_grads(lambda x, w, b: pykernels.linear_act(x, w, b, activation,
-                                                                  backend=backend),
-                             x, w, b, grad_out)
-    ref = forward_and_grads(lambda x, w, b: torch_reference(x, w, b, activation), x, w, b,
-                            grad_out)
-    for a, e in zip(ours, ref):
-        assert torch.isfinite(a).all()
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+    ours = assert_matches_reference(backend, activation, x, w, b, grad_out, 1e-5)
+    assert all(torch.isfinite(a).all() for a in ours)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -139,14 +142,7 @@ def test_non_contiguous_input_and_weight(backend):
     for t in (x, w, b):
         t.requires_grad_()
     grad_out = torch.randn(9, 2, 7, dtype=torch.float64)
-    ours = forward_and_grads(lambda x, w, b: pykernels.linear_act(x, w, b, "gelu",
-                                                                  backend=backend),
-                             x, w, b, grad_out)
-    ref = forward_and_grads(lambda x, w, b: torch_reference(x, w, b, "gelu"), x, w, b,
-                            grad_out)
-    for a, e in zip(ours, ref):
-        assert a.shape == e.shape
-        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+    assert_matches_reference(backend, "gelu", x, w, b, grad_out, 1e-10)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -166,14 +162,7 @@ def test_empty_feature_dims(backend, k, n):
     # K = 0: the product is empty, so out = act(bias); N = 0: an empty output.
     x, w, b = make_inputs((3, 2), k, n, True)
     grad_out = torch.randn(3, 2, n, dtype=torch.float64)
-    ours = forward_and_grads(lambda x, w, b: pykernels.linear_act(x, w, b, "sigmoid",
-                                                                  backend=backend),
-                             x, w, b, grad_out)
-    ref = forward_and_grads(lambda x, w, b: torch_reference(x, w, b, "sigmoid"), x, w, b,
-                            grad_out)
-    for a, e in zip(ours, ref):
-        assert a.shape == e.shape
-        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    assert_matches_reference(backend, "sigmoid", x, w, b, grad_out, 1e-12)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
