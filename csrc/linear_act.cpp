@@ -10,6 +10,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "cuda_checks.h"
 #include "linear_act.h"
 #endif
 
@@ -29,21 +30,6 @@ void check_forward_args(const at::Tensor& input, const at::Tensor& weight,
 }
 
 #ifdef PYKERNELS_WITH_CUDA
-cuda::DType cuda_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return cuda::DType::Float32;
-    case at::kHalf: return cuda::DType::Float16;
-    case at::kBFloat16: return cuda::DType::BFloat16;
-    default:
-      TORCH_CHECK(false, "pykernels: the cuda backend supports float32, float16 and bfloat16, got ",
-                  t.scalar_type());
-  }
-}
-
-void check_cuda(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "pykernels: ", what, " failed: ", cudaGetErrorString(err));
-}
-
 // Row-major with unit column stride, as the kernels expect; copies only when it is not.
 at::Tensor unit_column_stride(const at::Tensor& t) {
   return (t.stride(1) == 1 && t.stride(0) >= t.size(1)) ? t : t.contiguous();

@@ -1,5 +1,6 @@
 """Plain-PyTorch definitions that every backend is checked against (the ``torch`` backend)."""
 
+import torch
 import torch.nn.functional as F
 
 from .activations import activation_id
@@ -28,3 +29,43 @@ def activation(z, name, negative_slope=0.01):
 def linear_act(input, weight, bias=None, activation_name="none", negative_slope=0.01):
     """act(input @ weight.T + bias), composed from torch.nn.functional."""
     return activation(F.linear(input, weight, bias), activation_name, negative_slope)
+
+
+def class_dim(input):
+    """The class dimension of cross-entropy logits: 0 for (C,), else 1 (as PyTorch)."""
+    return 0 if input.dim() == 1 else 1
+
+
+def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
+                  label_smoothing=0.0, z_loss=0.0, softcap=None):
+    """F.cross_entropy, plus z_loss * logsumexp(x)**2 per row and logits capped by
+    softcap * tanh(x / softcap). The z term joins each non-ignored row's loss before the
+    reduction; 'mean' divides by PyTorch's own denominator (the summed class weight of the
+    non-ignored targets, or the row count for probability targets)."""
+    x = input if softcap is None else softcap * torch.tanh(input / softcap)
+    ce = F.cross_entropy(x, target, weight, ignore_index=ignore_index, reduction=reduction,
+                         label_smoothing=label_smoothing)
+    if z_loss == 0:
+        return ce
+    z = z_loss * torch.logsumexp(x, class_dim(x)) ** 2
+    if not target.is_floating_point():
+        z = z.masked_fill(target == ignore_index, 0)
+    if reduction == "none":
+        return ce + z
+    if reduction == "sum":
+        return ce + z.sum()
+    if target.is_floating_point():
+        denominator = z.numel()
+    else:
+        valid = target != ignore_index
+        denominator = (valid.sum() if weight is None
+                       else weight[target[valid]].sum())
+    return ce + z.sum() / denominator
+
+
+def linear_cross_entropy(input, linear_weight, target, linear_bias=None, weight=None,
+                         reduction="mean", ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+                         softcap=None):
+    """cross_entropy of the materialised logits input @ linear_weight.T + linear_bias."""
+    return cross_entropy(F.linear(input, linear_weight, linear_bias), target, weight,
+                         ignore_index, reduction, label_smoothing, z_loss, softcap)

@@ -13,15 +13,13 @@
 // chunk order: the result does not depend on the thread count (bitwise reproducible).
 //
 // The float32 passes run the SIMD loops of linear_act_vec_impl.h (ATen's Vectorized<float>
-// with Sleef's vector exp/tanh), built as an AVX-512 and an AVX2 + FMA unit and picked at
+// with Sleef's vector exp/tanh), built into the AVX-512 and AVX2 + FMA units simd_avx512.cpp / simd_avx2.cpp and picked at
 // run time to match torch's own CPU capability; float64 (gradcheck) and other CPUs run the
 // scalar loops below. Both evaluate the same formulas, those of kernels/activation.h.
 #include "cpu/linear_act.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 
-#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -48,28 +46,11 @@ int64_t row_grain(int64_t columns) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, columns));
 }
 
-CpuIsa detect_isa() {
-#if PYKERNELS_CPU_VEC_LOOPS
-  __builtin_cpu_init();
-  // ATen's choice (ATEN_CPU_CAPABILITY, else what it detected) caps ours.
-  const std::string aten = at::get_cpu_capability();
-  if (aten == "AVX512" && __builtin_cpu_supports("avx512f") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx2") &&
-      __builtin_cpu_supports("fma"))
-    return CpuIsa::Avx512;
-  if ((aten == "AVX2" || aten == "AVX512") && __builtin_cpu_supports("avx2") &&
-      __builtin_cpu_supports("fma"))
-    return CpuIsa::Avx2;
-#endif
-  return CpuIsa::Scalar;
-}
-
 // The ISA the passes run at for scalar_t: float32 takes the SIMD units, float64 the scalar
 // loops.
 template <typename scalar_t>
 CpuIsa isa_for() {
-  return std::is_same<scalar_t, float>::value ? linear_act_cpu_isa() : CpuIsa::Scalar;
+  return std::is_same<scalar_t, float>::value ? cpu_isa() : CpuIsa::Scalar;
 }
 
 // The SIMD entry points, reachable from the generic code below for any scalar_t; only
@@ -131,11 +112,6 @@ void backward_cols_scalar(const scalar_t* dyp, const scalar_t* sp, scalar_t* dzp
 }
 
 }  // namespace
-
-CpuIsa linear_act_cpu_isa() {
-  static const CpuIsa isa = detect_isa();
-  return isa;
-}
 
 std::tuple<at::Tensor, at::Tensor> linear_act_forward(const at::Tensor& input,
                                                       const at::Tensor& weight,

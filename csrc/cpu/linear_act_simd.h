@@ -1,8 +1,8 @@
 // Vectorized float32 inner loops of the fused linear + activation CPU path
-// (csrc/cpu/linear_act.cpp), one set per x86 ISA level: AVX2 + FMA (linear_act_avx2.cpp)
-// and AVX-512 (linear_act_avx512.cpp), both from the one body in linear_act_vec_impl.h.
+// (csrc/cpu/linear_act.cpp), one set per x86 ISA level: AVX2 + FMA (simd_avx2.cpp) and
+// AVX-512 (simd_avx512.cpp), both from the one body in linear_act_vec_impl.h.
 // Each unit is compiled for its ISA while the rest of the extension stays baseline x86-64;
-// linear_act.cpp calls into a unit only where linear_act_cpu_isa() says this CPU runs it,
+// linear_act.cpp calls into a unit only where cpu_isa() says this CPU runs it,
 // and keeps its scalar loops for float64 and for other CPUs.
 //
 // Plain C++ on purpose (no ATen): this header is read on both sides of the ISA boundary.
@@ -11,18 +11,10 @@
 #include <cstdint>
 
 #include "activation.h"
-#include "cpu/linear_act_isa.h"
+#include "cpu/isa.h"
 
 namespace pykernels {
 namespace cpu {
-
-enum class CpuIsa { Scalar, Avx2, Avx512 };
-
-// The ISA level the float32 loops run at, decided once (defined in linear_act.cpp, baseline
-// code): Avx512 or Avx2 where the units were compiled in (PYKERNELS_CPU_VEC_LOOPS), the CPU
-// and OS support the ISA (__builtin_cpu_supports), and ATen's own CPU capability allows it,
-// so ATEN_CPU_CAPABILITY=avx2 / =default switch these loops down exactly like torch's.
-CpuIsa linear_act_cpu_isa();
 
 // Forward epilogue over `rows` rows of N columns (row-major, contiguous): y = act(z), where
 // z already holds the bias (addmm). y == z is allowed (in place).

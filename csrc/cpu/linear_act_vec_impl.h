@@ -1,13 +1,13 @@
 // The body of the SIMD float32 loops of the fused linear + activation CPU path, written once
 // over ATen's at::vec::Vectorized<float> and compiled once per ISA unit:
-//   linear_act_avx2.cpp    AVX2 + FMA   (CPU_CAPABILITY=AVX2,   8 lanes)
-//   linear_act_avx512.cpp  AVX-512      (CPU_CAPABILITY=AVX512, 16 lanes)
-// Each unit reads linear_act_vec_prelude.h, switches its ISA on with `#pragma GCC target`,
+//   simd_avx2.cpp    AVX2 + FMA   (CPU_CAPABILITY=AVX2,   8 lanes)
+//   simd_avx512.cpp  AVX-512      (CPU_CAPABILITY=AVX512, 16 lanes)
+// Each unit reads vec_prelude.h, switches its ISA on with `#pragma GCC target`,
 // sets CPU_CAPABILITY, includes <ATen/cpu/vec/vec.h>, names its entry points and its Sleef
 // tanh with the macros below, and then includes this file (no include guard on purpose).
 //   PYKERNELS_VEC_FORWARD     the forward entry point (linear_act_simd.h)
 //   PYKERNELS_VEC_BACKWARD    the backward entry point (linear_act_simd.h)
-//   PYKERNELS_VEC_SLEEF_TANH  Sleef's 3.5-ulp tanh for this vector width
+//   PYKERNELS_VEC_SLEEF_TANH  Sleef's 3.5-ulp tanh for this vector width (vec_math_impl.h)
 // The activation math is kernels/activation.h's, instantiated with the VecMath policy.
 //
 // One-definition-rule hygiene. An inline function a SIMD unit emits out of line is compiled
@@ -22,34 +22,15 @@
 //     only its unit defines, and only Vectorized<float> instantiations of the
 //     kernels/activation.h templates are made (tails use masked loads, not the scalar
 //     instantiations linear_act.cpp makes).
-// `nm -C --defined-only` on either object lists exactly its two entry points as global
-// symbols, nothing weak.
+// `nm -C --defined-only` on either object lists exactly its entry points (those of
+// linear_act_simd.h and cross_entropy_simd.h) as global symbols, nothing weak.
 
 #include "cpu/linear_act_simd.h"
+#include "cpu/vec_math_impl.h"
 
 namespace pykernels {
 namespace cpu {
 namespace {
-
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kLanes = Vec::size();
-
-// The SIMD math policy for kernels/activation.h, chosen for speed at float32 accuracy
-// (one Zen 4 core, 2M floats, AVX2 8-lane / AVX-512 16-lane calls, ns per element):
-//   exp:  Sleef u10 (Vectorized::exp, as torch uses), 0.75 / 0.32;
-//   erf:  Vectorized::erf, the Abramowitz-Stegun 7.1.26 fit (|error| <= 1.5e-7) over Sleef
-//         exp that torch's own vectorized GELU uses; Sleef's 1-ulp erf costs 4.1 / 2.7
-//         and alone made gelu slower than eager;
-//   tanh: Sleef u35 (3.5 ulp), 0.89 / 0.58; the u10 one torch uses costs 2.2 / 1.5.
-struct VecMath {
-  static inline Vec exp(Vec x) { return x.exp(); }
-  static inline Vec erf(Vec x) { return x.erf(); }
-  static inline Vec tanh(Vec x) { return Vec(PYKERNELS_VEC_SLEEF_TANH(x)); }
-  // Ordered compares (_CMP_GT_OQ, _CMP_LE_OQ): false at NaN, so NaN takes b, like the
-  // scalar `z > 0 ? a : b` and `z <= 0 ? a : b`.
-  static inline Vec if_pos(Vec z, Vec a, Vec b) { return Vec::blendv(b, a, z > Vec(0.0f)); }
-  static inline Vec if_nonpos(Vec z, Vec a, Vec b) { return Vec::blendv(b, a, z <= Vec(0.0f)); }
-};
 
 template <Activation A>
 void forward_rows(const float* z, float* y, int64_t rows, int64_t N, float negative_slope) {

@@ -1,17 +1,17 @@
-// The AVX-512 unit of the fused linear + activation CPU path: linear_act_vec_impl.h compiled
-// with ATen's AVX-512 Vectorized<float> (CPU_CAPABILITY=AVX512, Sleef's 16-lane functions),
-// for the CPUs where torch's own kernels run AVX-512 (its vector exp/tanh are ~1.5-2x faster
-// per element than the 8-lane ones even on Zen 4's 256-bit datapath, so eager would
-// otherwise win the transcendental activations). Same ISA flags as torch's AVX512 kernels:
-// avx512f, avx512bw, avx512vl, avx512dq, fma. linear_act.cpp calls in only where
-// linear_act_cpu_isa() allows.
-#include "cpu/linear_act_vec_prelude.h"
+// The AVX-512 unit of the CPU kernels: linear_act_vec_impl.h and cross_entropy_vec_impl.h
+// compiled with ATen's AVX-512 Vectorized<float> (CPU_CAPABILITY=AVX512, Sleef's 16-lane
+// functions), for the CPUs where torch's own kernels run AVX-512 (its vector exp/tanh are
+// ~1.5-2x faster per element than the 8-lane ones even on Zen 4's 256-bit datapath, so
+// eager would otherwise win the transcendental activations). Same ISA flags as torch's
+// AVX512 kernels: avx512f, avx512bw, avx512vl, avx512dq, fma. linear_act.cpp and
+// cross_entropy.cpp call in only where cpu_isa() allows.
+#include "cpu/vec_prelude.h"
 
 #if PYKERNELS_CPU_VEC_LOOPS
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
-// See linear_act_avx2.cpp.
+// See simd_avx2.cpp.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"
 
@@ -19,7 +19,7 @@
 #define CPU_CAPABILITY_AVX512
 
 // sleef.h declares its 256- and 512-bit functions only under __AVX__ / __AVX512F__, which
-// `#pragma GCC target` does not define in C++ (see linear_act_avx2.cpp).
+// `#pragma GCC target` does not define in C++ (see simd_avx2.cpp).
 #if !defined(__AVX__)
 #define __AVX__ 1
 #define PYKERNELS_UNDEF_AVX
@@ -44,6 +44,8 @@
 #define PYKERNELS_VEC_BACKWARD linear_act_backward_cols_avx512
 #define PYKERNELS_VEC_SLEEF_TANH Sleef_tanhf16_u35
 #include "cpu/linear_act_vec_impl.h"
+#define PYKERNELS_VEC_CE(name) name##_avx512
+#include "cpu/cross_entropy_vec_impl.h"
 static_assert(pykernels::cpu::kLanes == 16, "expected ATen's AVX-512 Vectorized<float>");
 
 #pragma GCC diagnostic pop

@@ -1,8 +1,9 @@
-// The AVX2 + FMA unit of the fused linear + activation CPU path: linear_act_vec_impl.h
+// The AVX2 + FMA unit of the CPU kernels: linear_act_vec_impl.h and cross_entropy_vec_impl.h
 // compiled with ATen's AVX2 Vectorized<float> (CPU_CAPABILITY=AVX2, Sleef's 8-lane
 // functions). The extension is built for baseline x86-64 (plain -O3), so this unit switches
-// the ISA on for itself; linear_act.cpp calls in only where linear_act_cpu_isa() allows.
-#include "cpu/linear_act_vec_prelude.h"
+// the ISA on for itself; linear_act.cpp and cross_entropy.cpp call in only where cpu_isa()
+// allows.
+#include "cpu/vec_prelude.h"
 
 #if PYKERNELS_CPU_VEC_LOOPS
 
@@ -35,6 +36,8 @@
 #define PYKERNELS_VEC_BACKWARD linear_act_backward_cols_avx2
 #define PYKERNELS_VEC_SLEEF_TANH Sleef_tanhf8_u35
 #include "cpu/linear_act_vec_impl.h"
+#define PYKERNELS_VEC_CE(name) name##_avx2
+#include "cpu/cross_entropy_vec_impl.h"
 static_assert(pykernels::cpu::kLanes == 8, "expected ATen's AVX2 Vectorized<float>");
 
 #pragma GCC diagnostic pop

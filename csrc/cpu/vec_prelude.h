@@ -1,6 +1,5 @@
-// First include of the SIMD units linear_act_avx2.cpp and linear_act_avx512.cpp, read
-// BEFORE they switch their ISA on. See "One-definition-rule hygiene" in
-// linear_act_vec_impl.h.
+// First include of the SIMD units simd_avx2.cpp and simd_avx512.cpp, read BEFORE they
+// switch their ISA on. See "One-definition-rule hygiene" in linear_act_vec_impl.h.
 //
 // It brings in, compiled for the baseline ISA, everything ATen/cpu/vec/vec_base.h includes
 // that does not depend on CPU_CAPABILITY (checked with g++ -H: none of these pulls in a vec
@@ -8,12 +7,12 @@
 // other unit's (c10::Half, for one, changes its body with CPU_CAPABILITY_AVX2).
 #pragma once
 
-#include "cpu/linear_act_isa.h"
+#include "cpu/isa.h"
 
 #if PYKERNELS_CPU_VEC_LOOPS
 
 #if defined(CPU_CAPABILITY) || defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-#error "the linear_act SIMD units set CPU_CAPABILITY themselves; build them without it"
+#error "the SIMD units set CPU_CAPABILITY themselves; build them without it"
 #endif
 
 #include <algorithm>
@@ -24,6 +23,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <ostream>
 #include <type_traits>
 
