@@ -11,7 +11,6 @@ and the speed targets as PASS/FAIL lines, and writes linear_act_<device>.csv/.md
 
 import argparse
 import functools
-import signal
 import sys
 from pathlib import Path
 
@@ -144,27 +143,10 @@ def main(argv=None):
              "with the bare GEMMs (op matmul, backend gemm) of the same shape and mode"]
     if not machine.is_cuda:
         notes.append("torch.compile skipped on CPU")
-    ceilings = common.measure_ceilings(machine, args.quick)
-    for r in ceilings:
-        rate = f"{r['tflops']:.4g} TFLOP/s" if r.get("tflops") else f"{r['gbps']:.4g} GB/s"
-        what = r["op"].removeprefix("ceiling_")
-        notes.append(f"ceiling {what} {r['shape']} {r['dtype']}: {rate}")
-    print("\n".join(notes))
-
     shapes = QUICK_SHAPES if args.quick else (GPU_SHAPES if machine.is_cuda else CPU_SHAPES)
-    rows = []
-    # A run stopped by `timeout` (SIGTERM) still reports and writes what it measured.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
-    try:
-        for shape in shapes:
-            for row in run_shape(machine, shape, activations, args.quick):
-                rows.append(row)
-    finally:
-        common.fill_ratios(rows, ceilings)
-        print(common.format_table(rows))
-        checks = common.report_checks(targets(rows, machine))
-        common.write_results(ceilings + rows, FAMILY, machine, args.out, notes + checks,
-                             suffix="_quick" if args.quick else "")
+    common.run_benchmark(FAMILY, machine, notes, shapes,
+                         lambda shape: run_shape(machine, shape, activations, args.quick),
+                         lambda rows: targets(rows, machine), args.out, args.quick)
 
 
 if __name__ == "__main__":

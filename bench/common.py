@@ -23,7 +23,7 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 COLUMNS = (
     "op", "backend", "shape", "dtype", "mode", "ms", "tflops", "gbps",
     "frac_of_ceiling", "frac_of_gemm", "ratio_vs_eager", "ratio_vs_compile",
-    "peak_mem_mb", "device", "torch", "date",
+    "peak_mem_mb", "mem_ratio", "device", "torch", "date",
 )
 # Rotation: on CUDA the input sets together span twice the L2 (so no timed call finds
 # its inputs cache-hot); on CPU a size past the L2 and most last-level caches.
@@ -60,12 +60,13 @@ def _nbytes(tensors):
     return sum(t.nbytes for t in unique.values())
 
 
-def make_case(fn, make_inputs, mode, machine):
+def make_case(fn, make_inputs, mode, machine, grad_like=torch.randn_like):
     """Input sets and a call that runs ``fn`` in ``mode`` on one of them.
 
     ``make_inputs()`` returns a fresh tuple of random inputs (never zeros). For the
-    backward modes every floating-point input requires grad and a random ``grad_out``
-    is drawn; ``bwd`` runs the forward here, outside the timed region, and the call
+    backward modes every floating-point input requires grad and ``grad_out`` is
+    ``grad_like(out)`` (random by default; a loss passes ones, as loss.backward() does);
+    ``bwd`` runs the forward here, outside the timed region, and the call
     times ``torch.autograd.grad`` alone (the graph is retained for the next repeat).
     """
     if mode not in MODES:
@@ -80,7 +81,7 @@ def make_case(fn, make_inputs, mode, machine):
                 t.requires_grad_(True)
         diff = tuple(t for t in inputs if t.requires_grad)
         out = fn(*inputs)  # also warms up (and compiles) the training graph
-        grad_out = torch.randn_like(out)
+        grad_out = grad_like(out)
         return (out if mode == "bwd" else inputs, diff, grad_out)
 
     if mode == "fwd":
@@ -137,9 +138,9 @@ def peak_mem_mb(call, sets, machine):
 
 
 def measure(machine, fn, make_inputs, mode, *, op, backend, shape, dtype,
-            flops=None, nbytes=None, quick=False):
+            flops=None, nbytes=None, quick=False, grad_like=torch.randn_like):
     """Time one case and return its row; ``flops``/``nbytes`` give TFLOP/s and GB/s."""
-    call, sets = make_case(fn, make_inputs, mode, machine)
+    call, sets = make_case(fn, make_inputs, mode, machine, grad_like)
     ms = time_ms(call, sets, machine, quick)
     row = dict(
         op=op, backend=backend, shape=shape, dtype=str(dtype).replace("torch.", ""),
@@ -152,7 +153,8 @@ def measure(machine, fn, make_inputs, mode, *, op, backend, shape, dtype,
     return row
 
 
-def measure_cases(machine, cases, *, shape, dtype, flops=None, nbytes=None, quick=False):
+def measure_cases(machine, cases, *, shape, dtype, flops=None, nbytes=None, quick=False,
+                  grad_like=torch.randn_like, modes=MODES):
     """Yield a row for each ``(op, backend, fn, make_inputs)`` case in every mode, printed
     as it comes (a generator, so a run cut short keeps what it measured).
 
@@ -160,12 +162,13 @@ def measure_cases(machine, cases, *, shape, dtype, flops=None, nbytes=None, quic
     and left out: one failing backend must not cost the whole run.
     """
     for op, backend, fn, make_inputs in cases:
-        for mode in MODES:
+        for mode in modes:
             what = f"  {op:22} {backend:8} {shape:16} {mode:8}"
             try:
                 row = measure(machine, fn, make_inputs, mode, op=op, backend=backend,
                               shape=shape, dtype=dtype, flops=(flops or {}).get(mode),
-                              nbytes=(nbytes or {}).get(mode), quick=quick)
+                              nbytes=(nbytes or {}).get(mode), quick=quick,
+                              grad_like=grad_like)
             except Exception as e:
                 print(f"{what} FAILED {type(e).__name__}: {(str(e) or ' ').splitlines()[0]}")
                 if machine.is_cuda:
@@ -232,7 +235,8 @@ def _fmt(value):
 
 
 TABLE_COLUMNS = ("op", "shape", "mode", "backend", "ms", "tflops", "gbps", "frac_of_ceiling",
-                 "frac_of_gemm", "ratio_vs_eager", "ratio_vs_compile", "peak_mem_mb")
+                 "frac_of_gemm", "ratio_vs_eager", "ratio_vs_compile", "peak_mem_mb",
+                 "mem_ratio")
 
 
 def format_table(rows, markdown=False):
@@ -301,16 +305,47 @@ def _plot(rows, family, machine, path):
 def report_checks(checks):
     """Print each target as PASS/FAIL/SKIP (never assert) and return the lines.
 
-    ``checks`` holds (description, values, threshold): PASS when every value is at least
-    the threshold; SKIP when this run measured none (e.g. --quick shapes).
+    ``checks`` holds (description, values, threshold) or (..., threshold, "at_most"): PASS
+    when every value is at least (at most) the threshold; SKIP when this run measured none
+    (e.g. --quick shapes).
     """
     lines = []
-    for description, values, threshold in checks:
+    for description, values, threshold, *bound in checks:
         if not values:
             lines.append(f"SKIP  {description} (not measured in this run)")
             continue
-        worst_label, worst = min(values.items(), key=lambda kv: kv[1])
-        verdict = "PASS" if worst >= threshold else "FAIL"
+        at_most = bound == ["at_most"]
+        worst_label, worst = (max if at_most else min)(values.items(), key=lambda kv: kv[1])
+        verdict = "PASS" if (worst <= threshold if at_most else worst >= threshold) else "FAIL"
         lines.append(f"{verdict}  {description}: worst {worst:.3g} at {worst_label}")
     print("\n".join(lines))
     return lines
+
+
+def run_benchmark(family, machine, notes, shapes, run_shape, targets, out, quick):
+    """The body every family's main shares: measure the ceilings (into the notes), then
+    ``run_shape(shape)`` (a generator of rows) per shape; on the way out, even when stopped
+    by ``timeout`` (SIGTERM), fill the ratios, print the table and the targets
+    (``targets(rows)``) and write the results."""
+    import signal
+    import sys
+
+    ceilings = measure_ceilings(machine, quick)
+    for r in ceilings:
+        rate = f"{r['tflops']:.4g} TFLOP/s" if r.get("tflops") else f"{r['gbps']:.4g} GB/s"
+        notes.append(f"ceiling {r['op'].removeprefix('ceiling_')} {r['shape']} {r['dtype']}: "
+                     f"{rate}")
+    print("\n".join(notes))
+    rows = []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
+    try:
+        for shape in shapes:
+            for row in run_shape(shape):
+                rows.append(row)
+    finally:
+        fill_ratios(rows, ceilings)
+        print(format_table(rows))
+        checks = report_checks(targets(rows))
+        write_results(ceilings + rows, family, machine, out, notes + checks,
+                      suffix="_quick" if quick else "")
+    return rows

@@ -1,5 +1,6 @@
 """Drop-in torch.nn modules backed by the fused ops."""
 
 from .linear import Linear
+from .loss import CrossEntropyLoss, LinearCrossEntropyLoss
 
-__all__ = ["Linear"]
+__all__ = ["CrossEntropyLoss", "Linear", "LinearCrossEntropyLoss"]
