@@ -4,8 +4,8 @@
 #     run(command="bash scripts/gpu_run.sh", timeout_s=600)
 # The machine has torch, triton and nvcc but no network: nothing is installed from an
 # index here (never torch). Everything comes back through $OUT, which returns at most
-# 8 files, 2 folders deep: build.log, pytest.log, bench.log and the benchmark's
-# linear_act_<gpu>.csv/.md/.png. Later families' benchmarks must fit in that count.
+# 8 files, 2 folders deep: build.log, pytest.log, bench.log, each family's
+# <family>_<gpu>.csv and .md, and the PNG plots packed into one plots.tar.
 # Steps are time-boxed so the whole script ends within ~9 minutes (the call's limit is 10);
 # a failing test run still lets the benchmark run, and the exit status reports both.
 set -euo pipefail
@@ -48,11 +48,18 @@ test_rc=0
 timeout "$(left "$BENCH_RESERVE")" python3 -m pytest -x -q tests 2>&1 \
   | tee "$OUT/pytest.log" || test_rc=$?
 
-echo "== benchmark (writes its results straight into \$OUT)"
+echo "== benchmarks (tables into \$OUT, plots packed into plots.tar)"
 bench_rc=0
-timeout --kill-after=20 "$(left)" python3 -m bench.bench_linear_act --out "$OUT" 2>&1 \
-  | tee "$OUT/bench.log" || bench_rc=$?
+BENCH_DIR=$(mktemp -d)
+# family:seconds kept for the families after it
+for job in linear_act:120 cross_entropy:0; do
+  family=${job%%:*}
+  timeout --kill-after=20 "$(left "${job##*:}")" python3 -m "bench.bench_$family" \
+    --out "$BENCH_DIR" 2>&1 | tee -a "$OUT/bench.log" || bench_rc=$?
+done
+cp "$BENCH_DIR"/*.csv "$BENCH_DIR"/*.md "$OUT"/ 2>/dev/null || true
+(cd "$BENCH_DIR" && ls *.png >/dev/null 2>&1 && tar cf "$OUT/plots.tar" *.png) || true
 
-echo "== done: tests rc=$test_rc, benchmark rc=$bench_rc (124: timed out); files in \$OUT:"
+echo "== done: tests rc=$test_rc, benchmarks rc=$bench_rc (124: timed out); files in \$OUT:"
 ls -l "$OUT"
 exit $((test_rc || bench_rc))
