@@ -13,8 +13,12 @@
 from . import nn, reference
 from .activations import ACTIVATIONS
 from .backends import BACKENDS, backends, has_cuda, use_backend
-from .ops.cross_entropy import (CrossEntropyFunction, LinearCrossEntropyFunction,
-                                cross_entropy, linear_cross_entropy)
+from .ops.cross_entropy import (
+                                CrossEntropyFunction,
+                                LinearCrossEntropyFunction,
+                                cross_entropy,
+                                linear_cross_entropy,
+)
 from .ops.linear_act import LinearActFunction, linear_act
 
 __version__ = "0.1.0"
