@@ -22,6 +22,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "dtype.cuh"
+
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #error "kernels/linear_act.cu needs sm_80 or newer (bf16 tensor cores, cp.async)"
 #endif
@@ -30,32 +32,7 @@ namespace pykernels {
 namespace cuda {
 namespace {
 
-// ---------------------------------------------------------------------------------------
-// Element traits: conversion to/from the fp32 compute type, rounding to nearest even.
-
-template <typename T>
-struct Elem;
-template <>
-struct Elem<float> {
-  static __device__ __forceinline__ float to_float(float x) { return x; }
-  static __device__ __forceinline__ float from_float(float x) { return x; }
-};
-template <>
-struct Elem<__half> {
-  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
-};
-template <>
-struct Elem<__nv_bfloat16> {
-  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) {
-    return __float2bfloat16_rn(x);
-  }
-};
-
-__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+using namespace detail;  // Elem, ceil_div, aligned16, Tag, valid_dtype, dispatch_dtype
 
 // ---------------------------------------------------------------------------------------
 // cp.async (sm_80+): 16-byte global -> shared copies that bypass registers. Only the first
@@ -519,32 +496,11 @@ __global__ void bias_grad_kernel(const float* __restrict__ partial, T* __restric
 // ---------------------------------------------------------------------------------------
 // Argument checks and dtype dispatch.
 
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-bool valid_dtype(DType d) {
-  return d == DType::Float32 || d == DType::Float16 || d == DType::BFloat16;
-}
 bool valid_core(GemmCore c) {
   return c == GemmCore::Auto || c == GemmCore::TensorCore || c == GemmCore::Simt;
 }
 bool valid_activation(Activation a) {
   return static_cast<int>(a) >= 0 && static_cast<int>(a) < kNumActivations;
-}
-
-template <typename F>
-cudaError_t dispatch_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::Float32:
-      return f(Tag<float>{});
-    case DType::Float16:
-      return f(Tag<__half>{});
-    case DType::BFloat16:
-      return f(Tag<__nv_bfloat16>{});
-  }
-  return cudaErrorInvalidValue;
 }
 
 }  // namespace

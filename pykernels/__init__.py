@@ -14,10 +14,10 @@ from . import nn, reference
 from .activations import ACTIVATIONS
 from .backends import BACKENDS, backends, has_cuda, use_backend
 from .ops.cross_entropy import (
-                                CrossEntropyFunction,
-                                LinearCrossEntropyFunction,
-                                cross_entropy,
-                                linear_cross_entropy,
+    CrossEntropyFunction,
+    LinearCrossEntropyFunction,
+    cross_entropy,
+    linear_cross_entropy,
 )
 from .ops.linear_act import LinearActFunction, linear_act
 
