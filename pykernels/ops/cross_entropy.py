@@ -179,7 +179,8 @@ def cross_entropy_scale_grad_(grad: Tensor, grad_output: Tensor, backend: str) -
     if grad.numel() == 0:
         return
     _, scale_kernel = _kernels(backend)
-    scale = grad_output.to(_acc_dtype(grad.dtype)).reshape(-1)
+    # contiguous: a grad_output from .sum() or .mean() is an expanded (stride 0) view
+    scale = grad_output.to(_acc_dtype(grad.dtype)).reshape(-1).contiguous()
     scale_kernel(grad.view(1, grad.numel(), 1) if scale.numel() == 1 else _view3d(grad), scale)
 
 

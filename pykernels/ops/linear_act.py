@@ -22,9 +22,9 @@ import numbers
 import torch
 from torch import Tensor
 
-from ..backends import extension, resolve
 from .. import reference
 from ..activations import activation_id, grad_from_output
+from ..backends import extension, resolve
 
 _EMPTY_SHAPE = (0,)
 

@@ -298,6 +298,14 @@ def _scale_grad_kernel(grad_ptr, scale_ptr, CB, B, tiles, SCALE_PER_ROW: tl.cons
     tl.store(ptrs, (g * scale).to(grad_ptr.dtype.element_ty), mask=touch)
 
 
+def _check_scale(scale, rows):
+    """The kernels index scale as a contiguous (1,) or (rows,) vector: anything else would
+    read out of bounds (e.g. the stride-0 grad_output of a .sum())."""
+    if scale.dim() != 1 or scale.numel() not in (1, rows) or not scale.is_contiguous():
+        raise ValueError(f"scale must be a contiguous vector of 1 or {rows} elements, got "
+                         f"shape {tuple(scale.shape)}, strides {scale.stride()}")
+
+
 def _rows_config(A, C, B):
     """(ROWS, BLOCK_C, num_warps) for the rows kernel.
 
@@ -331,6 +339,8 @@ def cross_entropy_rows(logits, target, class_weight, ignore_index, label_smoothi
     """
     A, C, B = logits.shape
     R = A * B
+    if grad is not None:
+        _check_scale(scale, R)
     acc_dtype = _acc_dtype(logits.dtype)
     loss = torch.empty(R, dtype=acc_dtype, device=logits.device)
     if R == 0:
@@ -370,6 +380,7 @@ def cross_entropy_scale_grad_(grad, scale):
     Returns grad.
     """
     A, C, B = grad.shape
+    _check_scale(scale, A * B)
     CB = C * B
     if A == 0 or CB == 0:
         return grad
