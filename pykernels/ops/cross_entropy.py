@@ -106,11 +106,17 @@ def _denominator(target, weight, ignore_index, acc):
     return (weight.to(acc)[classes] * valid).sum()
 
 
+def _mean(total, target, weight, ignore_index):
+    """total / the 'mean' denominator; NaN when that is 0, as in PyTorch, where the
+    nll part is then 0/0 whatever the label-smoothing part adds."""
+    denominator = _denominator(target, weight, ignore_index, total.dtype)
+    return torch.where(denominator == 0, torch.nan, total / denominator)
+
+
 def _row_scale(reduction, target, weight, ignore_index, acc):
     """The (1,) factor the forward folds into the gradient: 1 / denominator for 'mean'."""
-    if reduction == _MEAN:
-        return (1 / _denominator(target, weight, ignore_index, acc)).reshape(1)
-    return torch.ones(1, dtype=acc, device=target.device)
+    one = torch.ones(1, dtype=acc, device=target.device)
+    return _mean(one, target, weight, ignore_index) if reduction == _MEAN else one
 
 
 def _reduce(loss_rows, reduction, target, weight, ignore_index, shape, dtype):
@@ -118,7 +124,7 @@ def _reduce(loss_rows, reduction, target, weight, ignore_index, shape, dtype):
         return loss_rows.view(shape).to(dtype)
     total = loss_rows.sum()
     if reduction == _MEAN:
-        total = total / _denominator(target, weight, ignore_index, loss_rows.dtype)
+        total = _mean(total, target, weight, ignore_index)
     return total.to(dtype)
 
 
