@@ -1,6 +1,7 @@
 """Drop-in torch.nn modules backed by the fused ops."""
 
+from .attention import MultiheadAttention
 from .linear import Linear
 from .loss import CrossEntropyLoss, LinearCrossEntropyLoss
 
-__all__ = ["CrossEntropyLoss", "Linear", "LinearCrossEntropyLoss"]
+__all__ = ["CrossEntropyLoss", "Linear", "LinearCrossEntropyLoss", "MultiheadAttention"]
