@@ -4,6 +4,7 @@
 namespace pykernels {
 void bind_linear_act(pybind11::module_& m);
 void bind_cross_entropy(pybind11::module_& m);
+void bind_attention(pybind11::module_& m);
 }  // namespace pykernels
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -17,4 +18,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "whether this build contains the CUDA kernels");
   pykernels::bind_linear_act(m);
   pykernels::bind_cross_entropy(m);
+  pykernels::bind_attention(m);
 }

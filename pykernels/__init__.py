@@ -13,6 +13,7 @@
 from . import nn, reference
 from .activations import ACTIVATIONS
 from .backends import BACKENDS, backends, has_cuda, use_backend
+from .ops.attention import AttentionFunction, scaled_dot_product_attention, use_deterministic
 from .ops.cross_entropy import (
     CrossEntropyFunction,
     LinearCrossEntropyFunction,
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS",
+    "AttentionFunction",
     "BACKENDS",
     "CrossEntropyFunction",
     "LinearCrossEntropyFunction",
@@ -36,5 +38,7 @@ __all__ = [
     "linear_cross_entropy",
     "nn",
     "reference",
+    "scaled_dot_product_attention",
     "use_backend",
+    "use_deterministic",
 ]

@@ -69,3 +69,48 @@ def linear_cross_entropy(input, linear_weight, target, linear_bias=None, weight=
     """cross_entropy of the materialised logits input @ linear_weight.T + linear_bias."""
     return cross_entropy(F.linear(input, linear_weight, linear_bias), target, weight,
                          ignore_index, reduction, label_smoothing, z_loss, softcap)
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                 is_causal=False, scale=None, enable_gqa=False, window=None,
+                                 softcap=None):
+    """softmax(q k^T * scale [softcap] + mask) v, composed from plain torch ops.
+
+    The contract of F.scaled_dot_product_attention (boolean masks: True may attend; float
+    masks add; is_causal top-left), plus ``window=(left, right)`` (query i attends key j iff
+    i - left <= j <= i + right; None on a side: unbounded) and ``softcap`` (softcap *
+    tanh(s / softcap) on the scaled scores, before the mask). Rows with nothing to attend
+    to give 0 and pass zero gradient. Dropout draws its mask with torch's own generator.
+    """
+    L, S = query.shape[-2], key.shape[-2]
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
+    if enable_gqa:
+        group = query.shape[-3] // key.shape[-3]
+        key = key.repeat_interleave(group, -3)
+        value = value.repeat_interleave(group, -3)
+    s = (query @ key.transpose(-2, -1)) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    i = torch.arange(L, device=query.device)[:, None]
+    j = torch.arange(S, device=query.device)[None, :]
+    allowed = torch.ones(L, S, dtype=torch.bool, device=query.device)
+    if is_causal:
+        allowed &= j <= i
+    if window is not None:
+        left, right = window
+        if left is not None:
+            allowed &= j >= i - left
+        if right is not None:
+            allowed &= j <= i + right
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        allowed = allowed & attn_mask
+    elif attn_mask is not None:
+        s = s + attn_mask
+    s = s.masked_fill(~allowed, float("-inf"))
+    valid = (s > float("-inf")).any(-1, keepdim=True)
+    p = torch.softmax(torch.where(valid, s, 0), -1)  # no NaN, not even in the backward
+    p = torch.where(valid, p, 0)
+    if dropout_p > 0:
+        p = F.dropout(p, dropout_p)
+    return p @ value
