@@ -133,9 +133,12 @@ def _setup_context(ctx, inputs, output):
     ctx.options = (scale, causal, window_left, window_right, softcap, dropout_p)
     ctx.backend = backend
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # lse never gets a gradient: no zeros for it
 
 
 def _backward(ctx, grad_out, grad_lse):
+    if grad_out is None:  # grads are not materialised (above): None means zero
+        return (None,) * 12
     q, k, v, out, lse, mask, rng = ctx.saved_tensors
     dq, dk, dv = torch.ops.pykernels.attention_backward(
         grad_out.contiguous(), q, k, v, out, lse, mask, *ctx.options, rng, deterministic(),

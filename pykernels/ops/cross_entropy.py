@@ -210,9 +210,14 @@ def _scaled_saved_grad(ctx, grad_output):
 def _ce_setup_context(ctx, inputs, output):
     _save_grad(ctx, output[1], inputs[-1])
     ctx.mark_non_differentiable(output[1])
+    # The gradient output never receives a gradient: without this, autograd would fill an
+    # input-sized tensor of zeros for it on every backward.
+    ctx.set_materialize_grads(False)
 
 
 def _ce_backward(ctx, grad_loss, grad_grad):
+    if grad_loss is None:  # grads are not materialised (above): None means zero
+        return (None,) * 10
     return (_scaled_saved_grad(ctx, grad_loss),) + (None,) * 9
 
 
@@ -524,9 +529,12 @@ def _lce_grads(ctx, grad_loss):
 def _lce_setup_context(ctx, inputs, output):
     _lce_save(ctx, inputs, output)
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the gradient outputs
 
 
 def _lce_backward(ctx, grad_loss, *unused):
+    if grad_loss is None:  # grads are not materialised (above): None means zero
+        return (None,) * 13
     gi, gw, gb = _lce_grads(ctx, grad_loss)
     return (gi, gw, None, gb) + (None,) * 9
 

@@ -115,9 +115,12 @@ def _grads(ctx, grad_out, needs_input_grad):
 def _setup_context(ctx, inputs, output):
     _save(ctx, *inputs, *output)
     ctx.mark_non_differentiable(output[1])  # preact is internal: it never gets a gradient
+    ctx.set_materialize_grads(False)  # so autograd must not fill an (M, N) zeros for it
 
 
 def _backward(ctx, grad_out, grad_preact):
+    if grad_out is None:  # grads are not materialised (above): None means zero
+        return (None,) * 7
     return (*_grads(ctx, grad_out, ctx.needs_input_grad[:3]), None, None, None, None)
 
 
