@@ -11,7 +11,6 @@ rate. bf16 on GPU: B·L = 16384 tokens, H·E = 2048, E in {64, 128}, L from 512 
 float32 on CPU: B=4, H=8, L=512, E=64. Writes attention_<device>.csv/.md/.png.
 """
 
-import argparse
 import functools
 import sys
 from pathlib import Path
@@ -130,20 +129,10 @@ def targets(rows, machine):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, seconds (smoke test)")
-    parser.add_argument("--out", default=str(common.RESULTS_DIR), help="results folder")
-    args = parser.parse_args(argv)
-
-    machine = common.Machine("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"pykernels {pykernels.__version__} on {machine.name}, torch {torch.__version__}, "
-          f"backends {pykernels.backends(machine.device)}, has_cuda={pykernels.has_cuda()}")
-    notes = [f"pykernels {pykernels.__version__}, torch {torch.__version__}, "
-             f"{machine.stamp['date']}",
-             "shape is BxHxLxE (c: causal); ratios are baseline_ms / ms (> 1: faster); "
-             "frac_of_ceiling is TFLOP/s over the measured matmul rate"]
-    if not machine.is_cuda:
-        notes.append("torch.compile skipped on CPU")
+    args = common.parser_for(__doc__).parse_args(argv)
+    machine, notes = common.start([
+        "shape is BxHxLxE (c: causal); ratios are baseline_ms / ms (> 1: faster); "
+        "frac_of_ceiling is TFLOP/s over the measured matmul rate"])
     shapes = QUICK_SHAPES if args.quick else (GPU_SHAPES if machine.is_cuda else CPU_SHAPES)
     common.run_benchmark(FAMILY, machine, notes, shapes,
                          lambda shape: run_shape(machine, shape, args.quick),

@@ -15,7 +15,6 @@ Losses are backpropagated with grad_output = 1, as loss.backward() does. bf16 on
 float32 on CPU. Writes cross_entropy_<device>.csv/.md/.png and prints the targets.
 """
 
-import argparse
 import functools
 import sys
 from pathlib import Path
@@ -165,23 +164,13 @@ def targets(rows, machine):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, seconds (smoke test)")
-    parser.add_argument("--out", default=str(common.RESULTS_DIR), help="results folder")
-    args = parser.parse_args(argv)
-
-    machine = common.Machine("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"pykernels {pykernels.__version__} on {machine.name}, torch {torch.__version__}, "
-          f"backends {pykernels.backends(machine.device)}, has_cuda={pykernels.has_cuda()}, "
-          f"liger={'yes' if _liger() else 'no'}")
-    notes = [f"pykernels {pykernels.__version__}, torch {torch.__version__}, "
-             f"{machine.stamp['date']}",
-             "shape is NxV (cross_entropy) or NxHxV (linear_cross_entropy); ratios are "
-             "baseline_ms / ms (> 1: faster); backward with grad_output = 1",
-             "GB/s: logits read once + gradient written once; linear_cross_entropy mem_ratio: "
-             "(input + weight + peak extra) / (2 * (input + weight))"]
-    if not machine.is_cuda:
-        notes.append("torch.compile and Liger skipped on CPU")
+    args = common.parser_for(__doc__).parse_args(argv)
+    machine, notes = common.start(
+        ["shape is NxV (cross_entropy) or NxHxV (linear_cross_entropy); ratios are "
+         "baseline_ms / ms (> 1: faster); backward with grad_output = 1",
+         "GB/s: logits read once + gradient written once; linear_cross_entropy mem_ratio: "
+         "(input + weight + peak extra) / (2 * (input + weight))"],
+        f", liger={'yes' if _liger() else 'no'}")
     shapes = QUICK_SHAPES if args.quick else (GPU_SHAPES if machine.is_cuda else CPU_SHAPES)
     common.run_benchmark(FAMILY, machine, notes, shapes,
                          lambda shape: run_shape(machine, shape, args.quick),

@@ -9,7 +9,6 @@ GEMMs (torch.matmul: cuBLAS on GPU), in bf16 on GPU and float32 on CPU. Prints a
 and the speed targets as PASS/FAIL lines, and writes linear_act_<device>.csv/.md/.png.
 """
 
-import argparse
 import functools
 import sys
 from pathlib import Path
@@ -118,31 +117,23 @@ def targets(rows, machine):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, seconds (smoke test)")
+    parser = common.parser_for(__doc__)
     parser.add_argument("--activation", default=None,
                         help="a name, a comma-separated list, or 'all' "
                              "(default: gelu on GPU, relu,gelu on CPU)")
-    parser.add_argument("--out", default=str(common.RESULTS_DIR), help="results folder")
     args = parser.parse_args(argv)
-
-    machine = common.Machine("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = torch.cuda.is_available()
     if args.activation == "all":
         activations = ACTIVATIONS
     else:
-        activations = (args.activation or ("gelu" if machine.is_cuda else "relu,gelu")).split(",")
+        activations = (args.activation or ("gelu" if on_gpu else "relu,gelu")).split(",")
     unknown = [a for a in activations if a not in ACTIVATIONS]
     if unknown:
         parser.error(f"unknown activation {unknown}; choose from {', '.join(ACTIVATIONS)} or all")
 
-    print(f"pykernels {pykernels.__version__} on {machine.name}, torch {torch.__version__}, "
-          f"backends {pykernels.backends(machine.device)}, has_cuda={pykernels.has_cuda()}")
-    notes = [f"pykernels {pykernels.__version__}, torch {torch.__version__}, "
-             f"{machine.stamp['date']}",
-             "shape is MxKxN; ratios are baseline_ms / ms (> 1: faster); frac_of_gemm compares "
-             "with the bare GEMMs (op matmul, backend gemm) of the same shape and mode"]
-    if not machine.is_cuda:
-        notes.append("torch.compile skipped on CPU")
+    machine, notes = common.start([
+        "shape is MxKxN; ratios are baseline_ms / ms (> 1: faster); frac_of_gemm compares "
+        "with the bare GEMMs (op matmul, backend gemm) of the same shape and mode"])
     shapes = QUICK_SHAPES if args.quick else (GPU_SHAPES if machine.is_cuda else CPU_SHAPES)
     common.run_benchmark(FAMILY, machine, notes, shapes,
                          lambda shape: run_shape(machine, shape, activations, args.quick),

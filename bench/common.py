@@ -349,3 +349,29 @@ def run_benchmark(family, machine, notes, shapes, run_shape, targets, out, quick
         write_results(ceilings + rows, family, machine, out, notes + checks,
                       suffix="_quick" if quick else "")
     return rows
+
+
+def parser_for(doc):
+    """The argument parser every benchmark starts from: --quick and --out."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, seconds (smoke test)")
+    parser.add_argument("--out", default=str(RESULTS_DIR), help="results folder")
+    return parser
+
+
+def start(extra_notes=(), extra_print=""):
+    """The machine of this run (the GPU if there is one) and the notes every results file
+    opens with; prints what runs where."""
+    import pykernels
+
+    machine = Machine("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"pykernels {pykernels.__version__} on {machine.name}, torch {torch.__version__}, "
+          f"backends {pykernels.backends(machine.device)}, has_cuda={pykernels.has_cuda()}"
+          f"{extra_print}")
+    notes = [f"pykernels {pykernels.__version__}, torch {torch.__version__}, "
+             f"{machine.stamp['date']}", *extra_notes]
+    if not machine.is_cuda:
+        notes.append("torch.compile skipped on CPU")
+    return machine, notes
