@@ -2,17 +2,20 @@
 // cross_entropy.h.
 //
 // Forward (cross_entropy_kernel, one launch). Every row is owned by a group of tpr threads, a
-// power of two from 4 to 1024 picked per launch from C (plan_rows): several rows per warp for
-// small vocabularies, a warp, several warps, or a whole 1024-thread block for a 128k vocab.
+// power of two from 4 to 512 picked per launch from C (plan_rows): several rows per warp for
+// small vocabularies, a warp, several warps, or a whole 512-thread block for a 128k vocab.
 // The group
 //   1. reads the row once, each thread keeping an online (max, sum of exp) in fp32 plus the
 //      sums its target mode needs (Stats), all relative to the running max, so that a large
 //      common offset (logits ~1e4) cancels exactly instead of in the final subtraction;
 //   2. merges the per-thread states in a fixed tree, warp xor-shuffles and then shared memory
 //      between the warps of a group (reduce_row). No atomics, and the partition of a row over
-//      threads depends on C and the dtype only, so results are bitwise reproducible;
-//   3. writes the row loss and, with a gradient, re-reads the row (sized so that it normally
-//      still sits in L2) and writes the scaled gradient.
+//      threads depends only on the sizes, the strides and the rows' 16-byte alignment, so
+//      results are bitwise reproducible from run to run;
+//   3. writes the row loss and, with a gradient, re-reads the row and writes the scaled
+//      gradient. The re-read is meant to hit L2: a 512-thread group needs over 64 registers a
+//      thread, i.e. a whole SM, so only about one large row per SM is in flight (a 128k bf16
+//      vocabulary: 256 KiB per row, ~34 MiB over an H100, within its 50 MiB L2).
 // In-place gradients (grad == logits): in pass 2 every element is read and then written by
 // the same thread, and the one element another thread reads (the target logit, for the
 // loss) is read before the merge's barrier, so no thread can see a gradient value.
@@ -327,25 +330,6 @@ __device__ __forceinline__ void walk_row(F& f, const RowSplit& rs, int pos, int 
 // ---------------------------------------------------------------------------------------
 // Forward.
 
-template <typename T>
-struct CeParams {
-  const T* x;
-  int64_t R, C, B;
-  int64_t s_a, s_c, s_b;
-  const int64_t* target;
-  const T* q;
-  int64_t t_a, t_c, t_b;
-  const float* w;
-  int64_t ignore_index;
-  float eps, z_loss, softcap;
-  float* loss;
-  T* g;
-  int64_t g_a, g_c, g_b;
-  const float* scale;
-  int64_t scale_stride;
-  int tpr;
-};
-
 // The inputs of one row, chunk by chunk: logits, class weights (IndexSmooth and Prob; ones
 // without weights) and probability targets (Prob).
 template <typename T, Target M>
@@ -403,7 +387,9 @@ struct RowInputs {
   }
 };
 
-template <typename T, Target M>
+// 16-byte chunks a thread loads before using them: 64 bytes in flight per thread on the plain
+// path, fewer where weights (and targets) are buffered alongside, so no variant spills.
+template <Target M>
 constexpr int kBatch = M == Target::Index ? 4 : (M == Target::IndexSmooth ? 2 : 1);
 
 template <typename T, Target M>
@@ -411,7 +397,7 @@ struct Pass1 {
   RowInputs<T, M> in;
   float softcap, keep, eps_c;
   Stats st;
-  typename RowInputs<T, M>::Slots slots[kBatch<T, M>];
+  typename RowInputs<T, M>::Slots slots[kBatch<M>];
 
   __device__ Pass1(const RowInputs<T, M>& in_, float softcap_, float keep_, float eps_c_)
       : in(in_), softcap(softcap_), keep(keep_), eps_c(eps_c_), st(empty_stats()) {}
@@ -444,7 +430,7 @@ struct Pass2 {
   int64_t gs;
   RowGrad k;
   float softcap, keep, eps_c;
-  typename RowInputs<T, M>::Slots slots[kBatch<T, M>];
+  typename RowInputs<T, M>::Slots slots[kBatch<M>];
 
   __device__ Pass2(const RowInputs<T, M>& in_, T* g_, int64_t gs_, const RowGrad& k_,
                    float softcap_, float keep_, float eps_c_)
@@ -458,7 +444,10 @@ struct Pass2 {
   __device__ __forceinline__ void use(int u, int64_t c) {
     float sv[N], th[N], wv[N], qv[N], out[N];
     in.template unpack_chunk<N>(slots[u], softcap, keep, eps_c, sv, th, wv, qv);
-    const int64_t rel = k.t - c;  // position of the target in this chunk
+    // Position of the target in this chunk, or -1: one 64-bit test per chunk.
+    const int hit_at = static_cast<uint64_t>(k.t - c) < static_cast<uint64_t>(N)
+                           ? static_cast<int>(k.t - c)
+                           : -1;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       const float p = row_exp<T>((sv[i] - k.shift) - k.ls);
@@ -466,7 +455,7 @@ struct Pass2 {
       if constexpr (M == Target::Prob) {
         gv = fmaf(p, k.coef, -k.per_w * (wv[i] * qv[i]));
       } else {
-        gv = fmaf(p, k.coef, i == rel ? -k.hit : 0.0f);
+        gv = fmaf(p, k.coef, i == hit_at ? -k.hit : 0.0f);
         if constexpr (M == Target::IndexSmooth) gv = fmaf(-k.per_w, wv[i], gv);
       }
       out[i] = softcap > 0.0f ? gv * fmaf(-th[i], th[i], 1.0f) : gv;  // ds/dx = 1 - th^2
@@ -493,24 +482,28 @@ struct FillRow {
 };
 
 template <typename T, Target M>
-__global__ void __launch_bounds__(kMaxThreads) cross_entropy_kernel(const CeParams<T> p) {
+__global__ void __launch_bounds__(kMaxThreads)
+    cross_entropy_kernel(const CrossEntropyArgs p, int64_t R, int tpr) {
   constexpr int V = kVec<T>;
-  constexpr int U = kBatch<T, M>;
+  constexpr int U = kBatch<M>;
   __shared__ Stats red[2][kMaxWarps];
-  const Group grp = row_group(p.tpr);
-  const int64_t rows_per_block = blockDim.x / p.tpr;
-  const float keep = 1.0f - p.eps;
-  const float eps_c = p.C > 0 ? p.eps / static_cast<float>(p.C) : 0.0f;
+  const T* const logits = static_cast<const T*>(p.logits);
+  const T* const target_prob = static_cast<const T*>(p.target_prob);
+  T* const grad = static_cast<T*>(p.grad);
+  const Group grp = row_group(tpr);
+  const int64_t rows_per_block = blockDim.x / tpr;
+  const float keep = 1.0f - p.label_smoothing;
+  const float eps_c = p.C > 0 ? p.label_smoothing / static_cast<float>(p.C) : 0.0f;
   int parity = 0;
   // Uniform over the block: every thread reaches reduce_row's barrier in every iteration.
-  for (int64_t r0 = blockIdx.x * rows_per_block; r0 < p.R;
+  for (int64_t r0 = blockIdx.x * rows_per_block; r0 < R;
        r0 += static_cast<int64_t>(gridDim.x) * rows_per_block, parity ^= 1) {
     const int64_t r = r0 + grp.slot;
-    const bool active = r < p.R;
+    const bool active = r < R;
     const int64_t a = active ? r / p.B : 0;
     const int64_t b = active ? r - a * p.B : 0;
-    const T* x = p.x + (a * p.s_a + b * p.s_b);
-    T* g = p.g != nullptr ? p.g + (a * p.g_a + b * p.g_b) : nullptr;
+    const T* x = logits + (a * p.s_a + b * p.s_b);
+    T* g = grad != nullptr ? grad + (a * p.g_a + b * p.g_b) : nullptr;
 
     // Index targets: ignored rows and targets outside [0, C) are never used as an index.
     bool compute = active;
@@ -519,14 +512,14 @@ __global__ void __launch_bounds__(kMaxThreads) cross_entropy_kernel(const CePara
     float w_t = 1.0f, s_t = 0.0f;
     if constexpr (M != Target::Prob) {
       if (active) {
-        t = p.target[r];
+        t = p.target_index[r];
         if (t == p.ignore_index) {
           compute = false;
         } else if (t < 0 || t >= p.C) {
           compute = false;
           fill = CUDART_NAN_F;
         } else {
-          if (p.w != nullptr) w_t = p.w[t];
+          if (p.class_weight != nullptr) w_t = p.class_weight[t];
           if (grp.pos == 0) s_t = Elem<T>::to_float(x[t * p.s_c]);  // for the loss only
         }
       }
@@ -539,26 +532,26 @@ __global__ void __launch_bounds__(kMaxThreads) cross_entropy_kernel(const CePara
       rs = split_row<T>(x, p.s_c, g, p.g_c, p.C);
       in.x = x;
       in.xs = p.s_c;
-      in.w = p.w;
-      in.w_vec = p.w != nullptr && aligned16(p.w + rs.head);
+      in.w = p.class_weight;
+      in.w_vec = p.class_weight != nullptr && aligned16(p.class_weight + rs.head);
       if constexpr (M == Target::Prob) {
-        in.q = p.q + (a * p.t_a + b * p.t_b);
+        in.q = target_prob + (a * p.t_a + b * p.t_b);
         in.qs = p.t_c;
         in.q_vec = p.t_c == 1 &&
                    (reinterpret_cast<uintptr_t>(in.q) - reinterpret_cast<uintptr_t>(x)) % 16 == 0;
       }
       Pass1<T, M> f(in, p.softcap, keep, eps_c);
-      walk_row<V, U>(f, rs, grp.pos, p.tpr);
+      walk_row<V, U>(f, rs, grp.pos, tpr);
       st = f.st;
     }
-    st = reduce_row<T, M>(st, p.tpr, red[parity]);
+    st = reduce_row<T, M>(st, tpr, red[parity]);
     if (!active) continue;  // no barrier below
 
     if (!compute) {
-      if (grp.pos == 0) p.loss[r] = fill;
+      if (grp.pos == 0) p.loss_rows[r] = fill;
       if (g != nullptr) {
         FillRow<T> f{g, p.g_c, fill};
-        walk_row<V, 4>(f, split_row<T>(g, p.g_c, nullptr, 0, p.C), grp.pos, p.tpr);
+        walk_row<V, 4>(f, split_row<T>(g, p.g_c, nullptr, 0, p.C), grp.pos, tpr);
       }
       continue;
     }
@@ -576,7 +569,7 @@ __global__ void __launch_bounds__(kMaxThreads) cross_entropy_kernel(const CePara
         if constexpr (M == Target::IndexSmooth) loss = fmaf(eps_c, fmaf(st.w, ls, -st.s1), loss);
       }
       if (p.z_loss != 0.0f) loss = fmaf(p.z_loss * lse, lse, loss);
-      p.loss[r] = loss;
+      p.loss_rows[r] = loss;
     }
     if (g == nullptr) continue;
 
@@ -599,7 +592,7 @@ __global__ void __launch_bounds__(kMaxThreads) cross_entropy_kernel(const CePara
     if (p.z_loss != 0.0f) coef = fmaf(2.0f * p.z_loss, lse, coef);
     k.coef = coef * scale;
     Pass2<T, M> f(in, g, p.g_c, k, p.softcap, keep, eps_c);
-    walk_row<V, U>(f, rs, grp.pos, p.tpr);
+    walk_row<V, U>(f, rs, grp.pos, tpr);
   }
 }
 
@@ -684,7 +677,12 @@ RowPlan plan_rows(int64_t R, int64_t C, bool unit_stride) {
   return {tpr, threads, static_cast<unsigned>(blocks)};
 }
 
-bool mul_overflows(int64_t a, int64_t b, int64_t* out) { return __builtin_mul_overflow(a, b, out); }
+// *out = a * b for a, b >= 0; true when that overflows int64.
+bool mul_overflows(int64_t a, int64_t b, int64_t* out) {
+  if (a != 0 && b > INT64_MAX / a) return true;
+  *out = a * b;
+  return false;
+}
 
 bool finite_at_least_zero(float v) { return v >= 0.0f && std::isfinite(v); }
 
@@ -715,38 +713,12 @@ cudaError_t cross_entropy_forward(const CrossEntropyArgs& args, cudaStream_t str
 
   return dispatch_dtype(args.dtype, [&](auto tag) -> cudaError_t {
     using T = typename decltype(tag)::type;
-    CeParams<T> p{};
-    p.x = static_cast<const T*>(args.logits);
-    p.R = R;
-    p.C = args.C;
-    p.B = args.B;
-    p.s_a = args.s_a;
-    p.s_c = args.s_c;
-    p.s_b = args.s_b;
-    p.target = args.target_index;
-    p.q = static_cast<const T*>(args.target_prob);
-    p.t_a = args.t_a;
-    p.t_c = args.t_c;
-    p.t_b = args.t_b;
-    p.w = args.class_weight;
-    p.ignore_index = args.ignore_index;
-    p.eps = args.label_smoothing;
-    p.z_loss = args.z_loss;
-    p.softcap = args.softcap;
-    p.loss = args.loss_rows;
-    p.g = static_cast<T*>(args.grad);
-    p.g_a = args.g_a;
-    p.g_c = args.g_c;
-    p.g_b = args.g_b;
-    p.scale = args.scale;
-    p.scale_stride = args.scale_stride;
     const RowPlan plan = plan_rows<T>(R, args.C, args.s_c == 1);
-    p.tpr = plan.tpr;
-    void (*kernel)(CeParams<T>) =
+    void (*kernel)(CrossEntropyArgs, int64_t, int) =
         prob ? cross_entropy_kernel<T, Target::Prob>
              : (args.label_smoothing > 0.0f ? cross_entropy_kernel<T, Target::IndexSmooth>
                                             : cross_entropy_kernel<T, Target::Index>);
-    kernel<<<plan.blocks, plan.threads, 0, stream>>>(p);
+    kernel<<<plan.blocks, plan.threads, 0, stream>>>(args, R, plan.tpr);
     return cudaGetLastError();
   });
 }

@@ -2,8 +2,10 @@
 // Framework-free like every header in kernels/: raw pointers, sizes, element strides, a
 // dtype tag and a stream; each launcher checks its own launches and returns the first
 // cudaError_t. Sizes, strides and offsets are int64, so tensors past 2^31 elements are
-// addressed correctly. Invalid arguments (unknown dtype, negative sizes, a null pointer
-// for a tensor that has elements) return cudaErrorInvalidValue.
+// addressed correctly. Invalid arguments (unknown dtype, negative or overflowing sizes, a
+// null pointer for a tensor that has elements, an option outside its range or not finite,
+// both target pointers or neither, grad == logits with other strides, a negative
+// scale_stride) return cudaErrorInvalidValue.
 //
 // Layout. The logits are a 3-D view (A, C, B) with element strides (s_a, s_c, s_b): C
 // classes, R = A * B rows, row r = a * B + b. That covers (C,) as (1, C, 1), (N, C) as
