@@ -98,7 +98,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if is_causal:
         allowed &= j <= i
     if window is not None:
-        left, right = window
+        # sides beyond L + S are unbounded (and would overflow int64 arithmetic)
+        left, right = (None if side is None else min(side, L + S) for side in window)
         if left is not None:
             allowed &= j >= i - left
         if right is not None:

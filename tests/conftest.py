@@ -4,6 +4,7 @@ Without a CUDA device, Triton kernels run on CPU tensors under the interpreter; 
 variable must be set before anything imports triton, so it is set here, first.
 """
 
+import itertools
 import os
 
 import torch
@@ -34,6 +35,28 @@ def gpu_kernel_backends():
     if not torch.cuda.is_available():
         return ["cuda", "triton"]  # collected, then skipped by the cuda marker
     return [name for name in pykernels.backends("cuda") if name != "torch"]
+
+
+def pairwise(factors, valid=lambda case: True, strength=2):
+    """A few combinations of ``factors`` ({name: values}), each ``valid``, that together hold
+    every pair of values of any two factors (strength 2), or every value of every factor
+    (strength 1: the few cases for slow backends). Greedy and deterministic."""
+    names = list(factors)
+    candidates = [dict(zip(names, values, strict=True))
+                  for values in itertools.product(*factors.values())]
+    candidates = [c for c in candidates if valid(c)]
+
+    def tuples(c):
+        return {tuple((a, repr(c[a])) for a in group)
+                for group in itertools.combinations(names, strength)}
+
+    uncovered = set().union(*(tuples(c) for c in candidates))
+    chosen = []
+    while uncovered:
+        best = max(candidates, key=lambda c: len(tuples(c) & uncovered))
+        chosen.append(best)
+        uncovered -= tuples(best)
+    return chosen
 
 
 @pytest.fixture(autouse=True)

@@ -24,10 +24,13 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backends import extension, resolve
+from ..backends import backends, extension, resolve
 
 # Head dims each kernel backend takes (the 'torch' backend takes any).
-_MAX_HEAD_DIM = {"cpu": None, "triton": 256, "cuda": 256}
+_MAX_HEAD_DIM = {"cpu": None, "triton": 256}
+# Backends without attention kernels yet: kernels/attention.h is specified, attention.cu
+# is not written, so pykernels._C raises for CUDA tensors.
+_MISSING = ("cuda",)
 _deterministic = []  # use_deterministic's settings, innermost last
 
 
@@ -242,7 +245,10 @@ def _check_options(query, key, attn_mask, dropout_p, is_causal, scale, window, s
                 raise ValueError(f"window {name} must be an int >= 0 or None, got {side!r}")
             else:
                 sides.append(int(side))
-        left, right = sides
+        # A side beyond L + S is unbounded; clamping keeps the kernels' index arithmetic
+        # (i + right, j + left) far from int64 overflow.
+        span = query.shape[-2] + key.shape[-2]
+        left, right = (side if side < 0 else min(side, span) for side in sides)
     if softcap is None:
         softcap = 0.0
     elif isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) \
@@ -274,7 +280,9 @@ def _check_backend(name, query, value, attn_mask):
     limit = _MAX_HEAD_DIM.get(name)
     head_dim = max(query.shape[-1], value.shape[-1])
     if limit is not None and head_dim > limit:
-        able = [b for b, lim in _MAX_HEAD_DIM.items() if lim is None or lim >= head_dim]
+        here = backends(query.device)
+        able = [b for b, lim in _MAX_HEAD_DIM.items()
+                if (lim is None or lim >= head_dim) and b in here]
         names = " or ".join(repr(b) for b in able + ["torch"])
         raise ValueError(f"backend {name!r} supports head dims up to {limit}, got "
                          f"{head_dim}; use backend {names}")
@@ -319,7 +327,7 @@ def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
     hq, hk = _check_shapes(query, key, value, enable_gqa)
     scale, left, right, cap = _check_options(query, key, attn_mask, dropout_p, is_causal,
                                              scale, window, softcap)
-    name = resolve(backend, query.device, query.dtype)
+    name = resolve(backend, query.device, query.dtype, missing=_MISSING)
     shape = query.shape[:-1] + value.shape[-1:]
     if name == "torch":
         return None, name, shape

@@ -1,0 +1,1516 @@
+"""pykernels.scaled_dot_product_attention: every backend against plain PyTorch.
+
+References are independent of the kernels: torch.nn.functional.scaled_dot_product_attention for
+everything PyTorch defines (a sliding window goes to it as the equivalent explicit mask, built
+here), pykernels.reference for softcap, itself checked here against F and against the formula
+written out. Exact references are float64; float32 and the half types follow the low-precision
+rule of DESIGN.md section 4 (pykernels.testing).
+
+Dropout: the op draws (seed, offset) from torch's default generator per call, and the keep mask
+D is a pure function of (seed, offset, z, h, i, j), shared by the cpu and triton backends
+(Philox-4x32-10). The tests read D back exactly: with q = 0 every allowed score is 0, so with
+v = I (Ev = S) out[z, h, i, j] = D_ij / (S (1 - p)) (``keep_mask``). Same seed, same D,
+whatever q, k, v are: that gives exact statistics, the cpu/triton comparison, and the
+forward/backward check against the composition (softmax(s) * D / (1 - p)) @ v in plain torch.
+
+Triton runs on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py) and is slow there:
+its cases are small and few (every value of every option once, where the cpu backend gets
+every pair).
+"""
+
+import contextlib
+import importlib.util
+import math
+import os
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import cpu_kernel_backends, gpu_kernel_backends, pairwise
+from torch.library import opcheck
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import pykernels
+from pykernels import reference
+from pykernels.ops import attention as attn_ops
+from pykernels.testing import assert_low_precision_close
+
+CPU_BACKENDS = cpu_kernel_backends()
+HAS_TRITON = "triton" in CPU_BACKENDS
+INF = float("inf")
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs the Triton interpreter")
+
+# The interpreter evaluates masked-off lanes too (-inf - -inf, exp of inf) and numpy warns.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+
+
+# ---- helpers ----------------------------------------------------------------------------
+
+def make_qkv(lead_q, lead_kv, L, S, E, Ev, *, dtype=torch.float64, device="cpu", seed=0,
+             scale=1.0):
+    """q (*lead_q, L, E), k (*lead_kv, S, E), v (*lead_kv, S, Ev): N(0, scale^2), drawn in
+    float64 and rounded to ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(device, dtype)
+
+    return rand(*lead_q, L, E), rand(*lead_kv, S, E), rand(*lead_kv, S, Ev)
+
+
+MASK_KINDS = ["none", "bool", "float", "bool_head", "float_head", "key_padding"]
+
+
+def make_mask(kind, lead, L, S, *, dtype=torch.float64, device="cpu", seed=0):
+    """None ('none'); a broadcast (L, S) mask ('bool', 'float'); a full (*lead, L, S) one
+    ('bool_head', 'float_head'); or a bool key-padding mask (lead[0], 1, 1, S) (or (S,)) whose
+    batch entries keep fewer and fewer of the first keys. Bool masks keep ~70% of the scores;
+    float masks are N(0, 2^2) with ~10% -inf. Rows may end up fully masked (they must give 0)."""
+    if kind == "none":
+        return None
+    g = torch.Generator().manual_seed(seed)
+    if kind == "key_padding":
+        batch = lead[0] if len(lead) >= 2 else 1
+        keys = torch.arange(S)
+        mask = torch.stack([keys < max(1, S - (b + 1) * S // (batch + 2))
+                            for b in range(batch)])
+        mask = mask.view(batch, *([1] * (len(lead) - 1)), 1, S) if len(lead) >= 2 else mask[0]
+        return mask.to(device)
+    shape = (L, S) if kind in ("bool", "float") else (*lead, L, S)
+    if kind.startswith("bool"):
+        return (torch.rand(shape, generator=g) > 0.3).to(device)
+    mask = torch.randn(shape, generator=g, dtype=torch.float64) * 2
+    mask = mask.masked_fill(torch.rand(shape, generator=g) < 0.1, -INF)
+    return mask.to(device, dtype)
+
+
+def window_allowed(L, S, window, device="cpu"):
+    """(L, S) bool: query i may attend key j iff i - left <= j <= i + right (None: no bound)."""
+    left, right = window
+    offset = torch.arange(S, device=device)[None, :] - torch.arange(L, device=device)[:, None]
+    allowed = torch.ones(L, S, dtype=torch.bool, device=device)
+    if left is not None:
+        allowed &= offset >= -left
+    if right is not None:
+        allowed &= offset <= right
+    return allowed
+
+
+def torch_sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
+               window=None, dropout_p=0.0):
+    """F.scaled_dot_product_attention, a window handed over as the equivalent mask (with
+    is_causal folded into it: F takes either a mask or is_causal)."""
+    if window is not None:
+        L, S = q.shape[-2], k.shape[-2]
+        allowed = window_allowed(L, S, window, q.device)
+        if is_causal:
+            allowed &= torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+            is_causal = False
+        if attn_mask is None:
+            attn_mask = allowed
+        elif attn_mask.dtype == torch.bool:
+            attn_mask = attn_mask & allowed
+        else:
+            attn_mask = attn_mask.masked_fill(~allowed, -INF)
+    # torch 2.13's fused CPU kernel returns NaN for is_causal with scale <= 0 when L > S;
+    # the math backend (the plain composition) is right.
+    math_only = scale is not None and scale <= 0
+    with sdpa_kernel(SDPBackend.MATH) if math_only else contextlib.nullcontext():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                              dropout_p=dropout_p, is_causal=is_causal,
+                                              scale=scale, enable_gqa=enable_gqa)
+
+
+def expected_fn(opts):
+    """The independent reference of a call with options ``opts`` (no dropout): F where it
+    defines the case, pykernels.reference for softcap."""
+    opts = {k: v for k, v in opts.items() if k != "backend"}
+    if opts.get("softcap") is not None:
+        return lambda q, k, v: reference.scaled_dot_product_attention(q, k, v, **opts)
+    opts.pop("softcap", None)
+    return lambda q, k, v: torch_sdpa(q, k, v, **opts)
+
+
+def ours_fn(backend, opts):
+    return lambda q, k, v: pykernels.scaled_dot_product_attention(q, k, v, backend=backend,
+                                                                  **opts)
+
+
+def random_like(shape, seed=1, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(device)
+
+
+def out_and_grads(fn, q, k, v, grad_out):
+    """(out, dq, dk, dv) of fn(q, k, v) at fresh leaf copies, backpropagating grad_out."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+    return (out.detach(), *grads)
+
+
+NAMES = ("out", "grad_query", "grad_key", "grad_value")
+
+
+def assert_all_close(actual, expected, what, rtol=1e-10, atol=1e-12):
+    for name, a, e in zip(NAMES, actual, expected, strict=True):
+        assert a.shape == e.shape and a.dtype == e.dtype, f"{what} {name}"
+        torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=lambda m, n=name:
+                                   f"{what} {n}: {m}")
+
+
+def assert_rule(ours, plain, exact, what, factor=2.0):
+    """The low-precision rule on (out, dq, dk, dv), and no NaN/inf anywhere."""
+    for name, a, p, e in zip(NAMES, ours, plain, exact, strict=True):
+        assert a.dtype == p.dtype and a.shape == e.shape, f"{what} {name}"
+        assert torch.isfinite(a).all(), f"{what} {name} has NaN/inf"
+        assert_low_precision_close(a, p, e, name=f"{what} {name}", factor=factor)
+
+
+# ---- option combinations ----------------------------------------------------------------
+
+def _valid(case):
+    # F (and so the op) refuses is_causal together with an explicit mask.
+    return not (case["causal"] and case["mask"] != "none")
+
+
+def case_inputs(case, dtype=torch.float64, seed=0, device="cpu"):
+    """(q, k, v, options) of a case dict."""
+    L, S = case["lengths"]
+    hq, hkv = case["heads"]
+    E, Ev = case["dims"]
+    batch = case.get("batch", (2,))
+    q, k, v = make_qkv((*batch, hq), (*batch, hkv), L, S, E, Ev, dtype=dtype, device=device,
+                       seed=seed)
+    mask = make_mask(case["mask"], (*batch, hq), L, S, dtype=dtype, device=device,
+                     seed=seed + 1)
+    opts = dict(attn_mask=mask, is_causal=case["causal"], enable_gqa=hq != hkv,
+                window=case["window"], softcap=case["softcap"], scale=case.get("scale"))
+    return q, k, v, opts
+
+
+def case_id(case):
+    L, S = case["lengths"]
+    parts = [f"L{L}S{S}", "h{}x{}".format(*case["heads"]), "e{}x{}".format(*case["dims"]),
+             case["mask"]]
+    if case.get("batch", (2,)) != (2,):
+        parts.append("b" + "x".join(map(str, case["batch"])))
+    if case["causal"]:
+        parts.append("causal")
+    if case["window"] is not None:
+        parts.append("w{}_{}".format(*case["window"]))
+    if case["softcap"] is not None:
+        parts.append(f"cap{case['softcap']}")
+    if case.get("scale") is not None:
+        parts.append(f"scale{case['scale']}")
+    return "-".join(parts)
+
+
+COMMON = {
+    "mask": ["none", "bool", "float", "bool_head", "float_head"],
+    "causal": [False, True],
+    "heads": [(2, 2), (4, 2), (4, 1)],
+    "window": [None, (3, 0), (2, 5), (None, 3)],
+    "softcap": [None, 2.0],
+}
+# gradcheck: every pair of values for cpu (its 256-row tiles need L, S > 256 to meet); every
+# value once for triton (16-row tiles under the interpreter; the cheap lengths first).
+GRADCHECK_CPU = pairwise({"lengths": [(1, 17), (17, 17), (97, 33), (33, 97), (263, 300)],
+                          **COMMON, "dims": [(8, 8), (8, 5)]}, _valid)
+GRADCHECK_TRITON = pairwise({"lengths": [(17, 17), (1, 17), (23, 20), (97, 5)],
+                             **COMMON, "dims": [(8, 5), (4, 4)]}, _valid, strength=1)
+# float64 / float32 against the references: more values (key-padding masks, scale).
+COMPARE_CPU = pairwise({"lengths": [(1, 300), (97, 97), (257, 280), (300, 97)],
+                        **COMMON, "mask": MASK_KINDS, "dims": [(16, 16), (64, 40), (8, 96)],
+                        "scale": [None, 0.37]}, _valid)
+COMPARE_TRITON = pairwise({"lengths": [(17, 33), (1, 17), (40, 23), (97, 16)], **COMMON,
+                           "mask": MASK_KINDS, "dims": [(16, 16), (8, 24)],
+                           "scale": [None, -0.6]}, _valid, strength=1)
+
+
+def backend_cases(cpu_cases, triton_cases, batch_for_triton=(1,)):
+    params = []
+    for backend in CPU_BACKENDS:
+        for i, case in enumerate(triton_cases if backend == "triton" else cpu_cases):
+            if backend == "triton":
+                case = {**case, "batch": batch_for_triton}
+            params.append(pytest.param(backend, case, i, id=f"{backend}-{case_id(case)}"))
+    return params
+
+
+def test_backends_and_cases():
+    assert "cpu" in CPU_BACKENDS
+    if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton"):
+        assert HAS_TRITON  # the triton tests below must not silently vanish
+    for cases in (GRADCHECK_CPU, GRADCHECK_TRITON, COMPARE_CPU, COMPARE_TRITON):
+        for name, values in COMMON.items():
+            if name != "mask":
+                assert {repr(c[name]) for c in cases} == {repr(v) for v in values}, name
+        assert {c["mask"] for c in cases} >= set(COMMON["mask"])
+        assert all(_valid(c) for c in cases)
+    for cases in (GRADCHECK_CPU, GRADCHECK_TRITON):
+        assert {1, 17, 97} <= {n for c in cases for n in c["lengths"]}  # the issue's lengths
+        assert any(L != S for L, S in (c["lengths"] for c in cases))
+        assert any(E != Ev for E, Ev in (c["dims"] for c in cases))
+    # The triton sets stay small: the interpreter costs seconds per gradcheck.
+    assert len(GRADCHECK_TRITON) <= 6 and len(COMPARE_TRITON) <= 7
+
+
+# ---- gradcheck and float64 / float32 against the references ------------------------------
+
+@pytest.mark.parametrize("backend, case, seed", backend_cases(GRADCHECK_CPU, GRADCHECK_TRITON))
+def test_gradcheck_float64(backend, case, seed):
+    torch.manual_seed(seed)  # gradcheck's fast mode draws its random directions
+    q, k, v, opts = case_inputs(case, seed=seed)
+    inputs = tuple(t.requires_grad_() for t in (q, k, v))
+    # Fast mode: random projections of the Jacobian (slow mode: the test below).
+    assert torch.autograd.gradcheck(ours_fn(backend, opts), inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize("options", [dict(is_causal=True, enable_gqa=True),
+                                     dict(window=(1, 2), softcap=1.5, enable_gqa=True)],
+                         ids=["causal-gqa", "window-softcap-gqa"])
+def test_gradcheck_float64_full_jacobian(options):
+    """Slow mode (every column of the Jacobian) on a tiny case, as a check on fast mode (cpu
+    only: under the interpreter the 130 forward calls take many seconds)."""
+    backend = "cpu"
+    q, k, v = make_qkv((1, 2), (1, 1), 5, 7, 3, 2, seed=3)
+    inputs = tuple(t.requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(ours_fn(backend, options), inputs)
+
+
+@pytest.mark.parametrize("backend, case, seed", backend_cases(COMPARE_CPU, COMPARE_TRITON))
+def test_float64_matches_torch(backend, case, seed):
+    q, k, v, opts = case_inputs(case, seed=seed + 100)
+    grad_out = random_like(q.shape[:-1] + v.shape[-1:], seed=seed)
+    ours = out_and_grads(ours_fn(backend, opts), q, k, v, grad_out)
+    exact = out_and_grads(expected_fn(opts), q, k, v, grad_out)
+    assert_all_close(ours, exact, f"{backend} {case_id(case)}")
+    if opts["softcap"] is None:  # the reference agrees with F where F defines the case
+        ref = out_and_grads(lambda q, k, v: reference.scaled_dot_product_attention(
+            q, k, v, **opts), q, k, v, grad_out)
+        assert_all_close(ref, exact, f"reference {case_id(case)}")
+
+
+@pytest.mark.parametrize("backend, case, seed", backend_cases(COMPARE_CPU, COMPARE_TRITON))
+def test_float32_low_precision_rule(backend, case, seed):
+    q, k, v, opts = case_inputs(case, dtype=torch.float32, seed=seed + 200)
+    grad_out = random_like(q.shape[:-1] + v.shape[-1:], seed=seed)
+    mask = opts["attn_mask"]
+    exact_opts = {**opts, "attn_mask": mask if mask is None or mask.dtype == torch.bool
+                  else mask.double()}
+    ours = out_and_grads(ours_fn(backend, opts), q, k, v, grad_out)
+    plain = out_and_grads(expected_fn(opts), q, k, v, grad_out)
+    exact = out_and_grads(expected_fn(exact_opts), q.double(), k.double(), v.double(),
+                          grad_out)
+    assert ours[0].dtype == torch.float32
+    assert_rule(ours, plain, exact, f"{backend} {case_id(case)}")
+
+
+@pytest.mark.parametrize("lengths, heads, dims, options", [
+    ((1025, 1025), (2, 2), (64, 64), dict(is_causal=True)),
+    ((517, 1100), (4, 1), (128, 80), dict(window=(300, 40), softcap=20.0)),
+    ((777, 333), (4, 2), (32, 32), dict(mask="float_head")),
+], ids=["1025-causal", "517x1100-mqa-window-softcap", "777x333-gqa-float-mask"])
+def test_cpu_float32_larger_shapes(lengths, heads, dims, options):
+    """Several 256-row tiles, bands that skip whole tiles, a 4-fold GQA sum (float32: the
+    rule of DESIGN.md section 4)."""
+    options = dict(options)
+    L, S = lengths
+    q, k, v = make_qkv((1, heads[0]), (1, heads[1]), L, S, *dims, dtype=torch.float32,
+                       seed=L, scale=1.5)
+    mask = make_mask(options.pop("mask", "none"), (1, heads[0]), L, S, dtype=torch.float32)
+    opts = dict(attn_mask=mask, enable_gqa=heads[0] != heads[1], **options)
+    grad_out = random_like(q.shape[:-1] + v.shape[-1:], seed=L)
+    ours = out_and_grads(ours_fn("cpu", opts), q, k, v, grad_out)
+    plain = out_and_grads(expected_fn(opts), q, k, v, grad_out)
+    exact_opts = {**opts, "attn_mask": None if mask is None else mask.double()}
+    exact = out_and_grads(expected_fn(exact_opts), q.double(), k.double(), v.double(),
+                          grad_out)
+    assert_rule(ours, plain, exact, f"cpu {L}x{S}")
+
+
+def test_reference_softcap_and_window_written_out():
+    """pykernels.reference (the softcap reference above) against the definitions: a huge
+    softcap is no softcap (F), and softcap against softmax(c tanh(s / c) + mask) @ v written
+    with einsum; windows against F with the window as a mask."""
+    q, k, v = make_qkv((2, 4), (2, 2), 9, 13, 6, 5, seed=7, scale=2.0)
+    mask = make_mask("float_head", (2, 4), 9, 13, seed=8)
+    torch.testing.assert_close(
+        reference.scaled_dot_product_attention(q, k, v, mask, softcap=1e9, enable_gqa=True),
+        F.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True), rtol=1e-12,
+        atol=1e-12)
+    cap, scale = 1.7, 0.45
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    s = cap * torch.tanh(torch.einsum("zhie,zhje->zhij", q, kk) * scale / cap) + mask
+    p = torch.exp(s - s.amax(-1, keepdim=True))
+    p = p / p.sum(-1, keepdim=True)
+    expected = torch.einsum("zhij,zhjd->zhid", p, vv)
+    torch.testing.assert_close(reference.scaled_dot_product_attention(
+        q, k, v, mask, scale=scale, enable_gqa=True, softcap=cap), expected, rtol=1e-12,
+        atol=1e-12)
+    for window in [(0, 0), (3, 0), (None, 2), (4, None), (20, 20)]:
+        for causal in (False, True):
+            torch.testing.assert_close(
+                reference.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                       enable_gqa=True, window=window),
+                torch_sdpa(q, k, v, is_causal=causal, enable_gqa=True, window=window),
+                rtol=1e-12, atol=1e-12)
+
+
+# ---- shapes, layouts, arguments -----------------------------------------------------------
+
+def backend_params(cpu, triton):
+    """(backend, arg) params: each of ``cpu`` on cpu, the fewer ``triton`` on triton."""
+    return [pytest.param(b, a, id=f"{b}-{a}") for b in CPU_BACKENDS
+            for a in (triton if b == "triton" else cpu)]
+
+
+@pytest.mark.parametrize("backend, rank", backend_params([2, 3, 5], [2, 5]))
+def test_input_ranks_match_torch(backend, rank):
+    """(L, E) and (H, L, E) inputs, and extra batch dims (B1, B2, H, L, E), each with a mask
+    broadcast over the leading dims."""
+    lead = {2: (), 3: (3,), 5: (2, 3, 2) if backend == "cpu" else (2, 1, 2)}[rank]
+    q, k, v = make_qkv(lead, lead, 19, 11, 8, 6, seed=rank)
+    mask = make_mask("float_head", lead[-1:], 19, 11, seed=rank)  # (L, S) or (H, L, S)
+    grad_out = random_like(q.shape[:-1] + (6,), seed=rank)
+    for opts in (dict(), dict(attn_mask=mask), dict(is_causal=True, window=(2, None))):
+        ours = out_and_grads(ours_fn(backend, opts), q, k, v, grad_out)
+        exact = out_and_grads(expected_fn(opts), q, k, v, grad_out)
+        assert ours[0].shape == (*lead, 19, 6)
+        assert_all_close(ours, exact, f"{backend} rank {rank} {list(opts)}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_five_dim_gqa_and_mask_broadcast_over_extra_batch_dims(backend):
+    b2 = 3 if backend == "cpu" else 2
+    q, k, v = make_qkv((2, b2, 4), (2, b2, 2), 7, 9, 8, 8, seed=5)
+    grad_out = random_like(q.shape, seed=5)
+    for mask in (make_mask("key_padding", (2, b2, 4), 7, 9),          # (2, 1, 1, 1, 9)
+                 torch.rand(b2, 1, 7, 9, generator=torch.Generator().manual_seed(1)) > 0.4,
+                 torch.randn(9, dtype=torch.float64)):                  # (S,)
+        opts = dict(attn_mask=mask, enable_gqa=True)
+        assert_all_close(out_and_grads(ours_fn(backend, opts), q, k, v, grad_out),
+                         out_and_grads(expected_fn(opts), q, k, v, grad_out),
+                         f"{backend} mask {tuple(mask.shape)}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_contiguous_inputs(backend):
+    """q, k, v transposed from (B, L, H, E) as attention layers make them, a key with a
+    strided length, a value with a strided feature dim, a transposed mask and a transposed
+    grad_out."""
+    g = torch.Generator().manual_seed(9)
+    B, H, L, S, E, Ev = (2, 3, 21, 18, 8, 5) if backend == "cpu" else (2, 2, 17, 9, 8, 5)
+
+    def rand(*shape):
+        return torch.randn(shape, generator=g, dtype=torch.float64)
+
+    q = rand(B, L, H, E).transpose(1, 2)
+    k = rand(B, 2 * S, H, E).transpose(1, 2)[:, :, ::2]
+    v = rand(B, H, S, 2 * Ev)[..., ::2]
+    mask = (torch.rand(S, L, generator=g) > 0.25).t()
+    fmask = rand(B, S, H, L).permute(0, 2, 3, 1)
+    grad_out = rand(B, L, H, Ev).transpose(1, 2)
+    assert not any(t.is_contiguous() for t in (q, k, v, mask, fmask, grad_out))
+    for opts in (dict(), dict(attn_mask=mask), dict(attn_mask=fmask, window=(4, 1)),
+                 dict(is_causal=True, softcap=3.0)):
+        assert_all_close(out_and_grads(ours_fn(backend, opts), q, k, v, grad_out),
+                         out_and_grads(expected_fn(opts), q, k, v, grad_out),
+                         f"{backend} non-contiguous {list(opts)}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 2, 5, 7), (2, 2, 0, 7), (2, 2, 5, 0)],
+                         ids=["no_batch", "no_queries", "no_keys"])
+def test_empty_inputs(backend, shape):
+    """Empty tensors are valid (DESIGN.md section 7): no keys gives 0, like F."""
+    Z, H, L, S = shape
+    q, k, v = make_qkv((Z, H), (Z, H), L, S, 4, 3, seed=1)
+    grad_out = random_like((Z, H, L, 3))
+    for opts in (dict(), dict(is_causal=True), dict(window=(1, 1), softcap=2.0)):
+        ours = out_and_grads(ours_fn(backend, opts), q, k, v, grad_out)
+        exact = out_and_grads(expected_fn(opts), q, k, v, grad_out)
+        assert_all_close(ours, exact, f"{backend} empty {shape}")
+        assert not any(t.abs().sum() for t in ours[:2] if S == 0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("scale", [0.0, 1e-3, 2.5, -1.25])
+def test_scale_argument(backend, scale):
+    q, k, v = make_qkv((1, 2), (1, 2), 13, 10, 8, 8, seed=4)
+    grad_out = random_like(q.shape, seed=4)
+    opts = dict(scale=scale, is_causal=True)
+    assert_all_close(out_and_grads(ours_fn(backend, opts), q, k, v, grad_out),
+                     out_and_grads(expected_fn(opts), q, k, v, grad_out), f"scale {scale}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_window_forms(backend):
+    """A list is a window; (None, None), or sides wider than the sequences, bound nothing;
+    window (0, 0) is the diagonal."""
+    q, k, v = make_qkv((1, 2), (1, 2), 11, 11, 4, 4, seed=6)
+    plain = pykernels.scaled_dot_product_attention(q, k, v, backend=backend)
+    torch.testing.assert_close(plain, F.scaled_dot_product_attention(q, k, v), rtol=1e-12,
+                               atol=1e-12)
+    for window in [(None, None), (11, 11), (1000, 10**6)]:
+        torch.testing.assert_close(pykernels.scaled_dot_product_attention(
+            q, k, v, window=window, backend=backend), plain, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(pykernels.scaled_dot_product_attention(
+        q, k, v, window=[2, 1], backend=backend), torch_sdpa(q, k, v, window=(2, 1)),
+        rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(pykernels.scaled_dot_product_attention(
+        q, k, v, window=(0, 0), backend=backend), v, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
+def test_huge_window_sides_are_unbounded(backend):
+    """Sides near 2**63 are unbounded (they once overflowed int64 index arithmetic in the cpu
+    kernel and the reference: rows silently lost their keys)."""
+    q, k, v = make_qkv((1, 2), (1, 2), 5, 6, 4, 3, seed=0)
+    big = 2**63 - 1
+    for window, same_as in [((big, big), None), ((0, big), (0, None)), ((big, 0), (None, 0))]:
+        torch.testing.assert_close(
+            pykernels.scaled_dot_product_attention(q, k, v, window=window, backend=backend),
+            torch_sdpa(q, k, v, window=same_as), rtol=1e-12, atol=1e-13,
+            msg=lambda m, w=window: f"window {w}: {m}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gqa_equals_repeated_heads(backend):
+    """enable_gqa: query head h reads kv head h // (Hq / Hkv), and dk, dv sum over the group
+    (against explicit repeat_interleave in plain torch); enable_gqa with equal heads is a
+    no-op."""
+    q, k, v = make_qkv((2, 6), (2, 2), 15, 12, 8, 4, seed=10)
+    grad_out = random_like(q.shape[:-1] + (4,), seed=10)
+    opts = dict(enable_gqa=True, window=(3, 3))
+    ours = out_and_grads(ours_fn(backend, opts), q, k, v, grad_out)
+    exact = out_and_grads(lambda q, k, v: torch_sdpa(
+        q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), window=(3, 3)), q, k, v,
+        grad_out)
+    assert_all_close(ours, exact, f"{backend} gqa")
+    q2 = q[:, :2]
+    same = pykernels.scaled_dot_product_attention(q2, k, v, enable_gqa=True, backend=backend)
+    assert torch.equal(same, pykernels.scaled_dot_product_attention(q2, k, v, backend=backend))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_extreme_values(backend):
+    """Scores of order +-1e2..1e3 (q * 40), float masks with +-1e4 and -inf entries, rows
+    with one key left or at -1e4 everywhere: float64 tight, float32 never NaN/inf and within
+    the rule. In float32 the rule runs with q unscaled: rows saturated by scores of 1e2 leave
+    the gradients an absolute error ~ eps |dO| |v| |q| from Delta = rowsum(dO * out)
+    (FlashAttention's formulation) where the plain softmax backward cancels exactly. And with
+    masks of 1e4 the factor is 4, not 2: plain PyTorch's error there is one rounding of each
+    score (2^-24 * 1e4 relative in P), and the backward's P = exp(s - lse) adds one rounding
+    of lse, of the same size (only lse is saved, as in FlashAttention)."""
+    Z = 2 if backend == "cpu" else 1
+    q, k, v = make_qkv((Z, 2), (Z, 2), 23, 29, 8, 8, seed=12)
+    g = torch.Generator().manual_seed(13)
+    mask = torch.randn(Z, 2, 23, 29, generator=g, dtype=torch.float64) * 1e4
+    mask[..., ::3] = -INF
+    mask[0, 0, 5, :-1] = -INF  # a row with one key left
+    mask[-1, 1, 7] = -1e4      # a row at -1e4 everywhere
+    grad_out = random_like(q.shape, seed=12)
+    for opts in (dict(attn_mask=mask), dict(attn_mask=mask, softcap=50.0),
+                 dict(is_causal=True, window=(5, None)), dict(softcap=20.0)):
+        what = f"{backend} extreme {list(opts)}"
+        exact = out_and_grads(expected_fn(opts), q * 40, k, v, grad_out)
+        ours = out_and_grads(ours_fn(backend, opts), q * 40, k, v, grad_out)
+        assert_all_close(ours, exact, what, rtol=1e-9, atol=1e-9)
+        low, exact_low = dict(opts), dict(opts)
+        if "attn_mask" in opts:
+            low["attn_mask"] = mask.float()
+            exact_low["attn_mask"] = mask.float().double()
+        q32, k32, v32 = q.float(), k.float(), v.float()
+        for t in out_and_grads(ours_fn(backend, low), q32 * 40, k32, v32, grad_out):
+            assert torch.isfinite(t).all(), what
+        exact32 = out_and_grads(expected_fn(exact_low), q32.double(), k32.double(),
+                                v32.double(), grad_out)
+        assert_rule(out_and_grads(ours_fn(backend, low), q32, k32, v32, grad_out),
+                    out_and_grads(expected_fn(low), q32, k32, v32, grad_out), exact32, what,
+                    factor=4.0 if "attn_mask" in opts else 2.0)
+
+
+# ---- fully masked rows ----------------------------------------------------------------------
+
+def _empty_row_cases(Z, L, S):
+    """(options, rows that must be empty) with every way a row can lose all its keys."""
+    g = torch.Generator().manual_seed(14)
+    bool_mask = torch.rand(Z, 3, L, S, generator=g) > 0.3
+    bool_mask[:, :, 2] = False                  # row 2: all False
+    bool_mask[0, 1, 4] = False                  # one row of one head
+    float_mask = torch.randn(L, S, generator=g, dtype=torch.float64)
+    float_mask[3] = -INF                        # row 3: all -inf, broadcast to every head
+    band = torch.ones(L, S, dtype=torch.bool)
+    band[5, 3:] = False                         # with window (2, None): row 5 has nothing left
+    return [
+        (dict(attn_mask=bool_mask), [(slice(None), slice(None), 2), (0, 1, 4)]),
+        (dict(attn_mask=float_mask), [(slice(None), slice(None), 3)]),
+        (dict(window=(0, 0)), [(slice(None), slice(None), slice(S, None))]),
+        (dict(window=(1, None), is_causal=True), [(slice(None), slice(None), slice(S + 1, None))]),
+        (dict(attn_mask=band, window=(2, None)), [(slice(None), slice(None), 5)]),
+        (dict(attn_mask=bool_mask, softcap=2.0, enable_gqa=True), [(slice(None), slice(None), 2)]),
+    ]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fully_masked_rows_give_zero_and_zero_gradient(backend, dtype):
+    Z, L, S = 2 if backend == "cpu" else 1, 13, 8  # L > S: windows empty the last rows
+    for i, (opts, rows) in enumerate(_empty_row_cases(Z, L, S)):
+        heads_kv = 1 if opts.get("enable_gqa") else 3
+        q, k, v = make_qkv((Z, 3), (Z, heads_kv), L, S, 8, 5, dtype=dtype, seed=i)
+        if opts.get("attn_mask") is not None and opts["attn_mask"].is_floating_point():
+            opts = {**opts, "attn_mask": opts["attn_mask"].to(dtype)}
+        grad_out = random_like(q.shape[:-1] + (5,), seed=i)
+        ours = out_and_grads(ours_fn(backend, opts), q, k, v, grad_out)
+        what = f"{backend} {dtype} {list(opts)}"
+        for t in ours:
+            assert torch.isfinite(t).all(), what
+        for row in rows:
+            assert not ours[0][row].any() and not ours[1][row].any(), f"{what} row {row}"
+        if dtype == torch.float64:
+            assert_all_close(ours, out_and_grads(expected_fn(opts), q, k, v, grad_out), what)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_every_row_masked(backend):
+    q, k, v = make_qkv((2, 2), (2, 2), 9, 6, 4, 4, seed=15)
+    grad_out = random_like(q.shape, seed=15)
+    for opts in (dict(attn_mask=torch.zeros(9, 6, dtype=torch.bool)),
+                 dict(attn_mask=torch.full((2, 1, 9, 6), -INF, dtype=torch.float64)),
+                 dict(window=(None, 0), attn_mask=torch.ones(9, 6).triu(1).bool()),
+                 dict(attn_mask=torch.zeros(9, 6, dtype=torch.bool), dropout_p=0.5)):
+        ours = out_and_grads(ours_fn(backend, opts), q, k, v, grad_out)
+        for name, t in zip(NAMES, ours, strict=True):
+            assert torch.equal(t, torch.zeros_like(t)), f"{backend} {list(opts)} {name}"
+
+
+# ---- dropout ----------------------------------------------------------------------------------
+
+def keep_mask(backend, shape, p, seed, hkv=None, **opts):
+    """The dropout keep mask D (Z, Hq, L, S) a call with torch.manual_seed(seed) uses: with
+    q = 0 every allowed score is 0, so with v = I out = D / (S (1 - p)) on allowed entries."""
+    Z, H, L, S = shape
+    hkv = hkv or H
+    g = torch.Generator().manual_seed(seed)
+    q = torch.zeros(Z, H, L, 4, dtype=torch.float64)
+    k = torch.randn(Z, hkv, S, 4, generator=g, dtype=torch.float64)
+    v = torch.eye(S, dtype=torch.float64).expand(Z, hkv, S, S)
+    torch.manual_seed(seed)
+    out = pykernels.scaled_dot_product_attention(q, k, v, dropout_p=p, backend=backend,
+                                                 enable_gqa=hkv != H, **opts)
+    keep = out > 0
+    if not opts:  # every score allowed: kept entries are exactly 1 / (S (1 - p))
+        torch.testing.assert_close(out[keep], torch.full_like(out[keep], 1 / (S * (1 - p))),
+                                   rtol=1e-12, atol=0)
+    return keep
+
+
+def explicit_dropout_attention(q, k, v, keep, p, attn_mask=None, is_causal=False,
+                               enable_gqa=False, window=None, softcap=None):
+    """(softmax(s) * D / (1 - p)) @ v in plain torch, D given (float64)."""
+    if enable_gqa:
+        group = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(group, -3), v.repeat_interleave(group, -3)
+    s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    L, S = s.shape[-2:]
+    allowed = window_allowed(L, S, window or (None, None))
+    if is_causal:
+        allowed &= torch.ones(L, S, dtype=torch.bool).tril()
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        allowed = allowed & attn_mask
+    elif attn_mask is not None:
+        s = s + attn_mask
+    s = s.masked_fill(~allowed, -INF)
+    probs = torch.softmax(s, -1).nan_to_num(0.0)
+    return (probs * keep / (1 - p)) @ v
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_keep_fraction(backend, p):
+    """The fraction of kept scores is 1 - p (within 5 sigma), overall and per head, and no two
+    heads or rows share a mask."""
+    shape = (2, 4, 64, 128) if backend == "cpu" else (1, 2, 17, 64)
+    keep = keep_mask(backend, shape, p, seed=int(p * 100))
+    n = keep.numel()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(keep.double().mean().item() - (1 - p)) < 5 * sigma
+    per_head = keep.flatten(2).double().mean(-1)
+    assert (per_head - (1 - p)).abs().max() < 5 * math.sqrt(p * (1 - p) / keep[0, 0].numel())
+    flat = keep.flatten(0, 2)
+    assert len({tuple(row.tolist()) for row in flat}) == flat.shape[0]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_dropout_output_mean_with_unit_values(backend):
+    """With v = 1 each output is sum_j P_ij D_ij / (1 - p): mean 1, variance
+    sum_j P_ij^2 p / (1 - p) per row."""
+    p = 0.3
+    shape = (2, 4, 96, 160) if backend == "cpu" else (1, 2, 33, 48)
+    Z, H, L, S = shape
+    q, k, _ = make_qkv((Z, H), (Z, H), L, S, 8, 1, seed=16)
+    v = torch.ones(Z, H, S, 3, dtype=torch.float64)
+    torch.manual_seed(16)
+    out = pykernels.scaled_dot_product_attention(q, k, v, dropout_p=p, backend=backend)
+    torch.testing.assert_close(out[..., 0], out[..., 2], rtol=1e-13, atol=1e-13)
+    probs = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(8), -1)
+    sigma = math.sqrt((probs**2).sum(-1).mean().item() * p / (1 - p) / (Z * H * L))
+    assert abs(out[..., 0].mean().item() - 1) < 5 * sigma
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_dropout_reproducible_under_manual_seed(backend):
+    q, k, v = make_qkv((2, 2), (2, 2), 17, 19, 8, 8, seed=17)
+
+    def call():
+        return pykernels.scaled_dot_product_attention(q, k, v, dropout_p=0.4, backend=backend)
+
+    torch.manual_seed(3)
+    first, second = call(), call()  # a fresh mask per call
+    torch.manual_seed(3)
+    again = call()
+    torch.manual_seed(4)
+    other = call()
+    assert torch.equal(first, again)
+    assert not torch.equal(first, second) and not torch.equal(first, other)
+    # Nothing is dropped without dropout, and the generator is not touched.
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    plain = pykernels.scaled_dot_product_attention(q, k, v, backend=backend)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.testing.assert_close(plain, F.scaled_dot_product_attention(q, k, v), rtol=1e-12,
+                               atol=1e-12)
+
+
+@needs_triton
+@pytest.mark.parametrize("options", [dict(), dict(hkv=1, window=(2, 9), is_causal=True)],
+                         ids=["plain", "gqa-window-causal"])
+def test_dropout_cpu_and_triton_drop_the_same_elements(options):
+    """Both backends draw D from the same Philox stream: the same seed gives the same mask."""
+    shape = (2, 2, 21, 40)
+    for seed, p in [(0, 0.5), (123, 0.17)]:
+        cpu = keep_mask("cpu", shape, p, seed, **options)
+        triton = keep_mask("triton", shape, p, seed, **options)
+        assert torch.equal(cpu, triton), f"seed {seed} p {p}"
+        assert 0 < cpu.sum() < cpu.numel()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(attn_mask="bool_head", enable_gqa=True),
+    dict(is_causal=True, window=(4, None), softcap=3.0),
+    dict(attn_mask="float"),
+], ids=["plain", "bool-mask-gqa", "causal-window-softcap", "float-mask"])
+def test_dropout_forward_and_backward_use_one_mask(backend, options):
+    """Output and all three gradients equal the plain-torch composition with the keep mask
+    read back for the same seed (forward and backward both regenerate that mask, whatever
+    q, k, v are)."""
+    Z, H, L, S = (2, 4, 37, 29) if backend == "cpu" else (1, 2, 19, 21)
+    hkv = H // 2 if options.get("enable_gqa") else H
+    options = dict(options)
+    if isinstance(options.get("attn_mask"), str):
+        options["attn_mask"] = make_mask(options["attn_mask"], (Z, H), L, S, seed=18)
+    p, seed = 0.35, 19
+    keep = keep_mask(backend, (Z, H, L, S), p, seed, hkv=hkv)
+    q, k, v = make_qkv((Z, H), (Z, hkv), L, S, 8, 6, seed=18)
+    grad_out = random_like((Z, H, L, 6), seed=18)
+
+    def ours(q, k, v):
+        torch.manual_seed(seed)
+        return pykernels.scaled_dot_product_attention(q, k, v, dropout_p=p, backend=backend,
+                                                      **options)
+
+    exact = out_and_grads(lambda q, k, v: explicit_dropout_attention(q, k, v, keep, p,
+                                                                     **options),
+                          q, k, v, grad_out)
+    assert_all_close(out_and_grads(ours, q, k, v, grad_out), exact, f"{backend} dropout")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("options", [dict(is_causal=True), dict(window=(2, 1), softcap=2.0)],
+                         ids=["causal", "window-softcap"])
+def test_dropout_gradcheck_with_reseeded_calls(backend, options):
+    """gradcheck of a fixed-seed call: each forward gradcheck makes draws the same mask."""
+    q, k, v = make_qkv((1, 2), (1, 1), 9, 7, 4, 3, seed=20)
+    inputs = tuple(t.requires_grad_() for t in (q, k, v))
+
+    def fn(q, k, v):
+        torch.manual_seed(21)
+        return pykernels.scaled_dot_product_attention(q, k, v, dropout_p=0.3, enable_gqa=True,
+                                                      backend=backend, **options)
+
+    torch.manual_seed(0)
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+    # and the identity <dO, out> = <dv, v> (out is linear in v through the same masked P)
+    out = fn(*inputs)
+    grad_out = random_like(out.shape, seed=22)
+    (dv,) = torch.autograd.grad(out, inputs[2], grad_out)
+    torch.testing.assert_close((out * grad_out).sum(), (dv * inputs[2]).sum(), rtol=1e-12,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_dropout_no_grad_path_same_mask(backend):
+    q, k, v = make_qkv((1, 3), (1, 3), 17, 17, 8, 8, seed=23)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        no_grad = pykernels.scaled_dot_product_attention(q, k, v, dropout_p=0.2,
+                                                         backend=backend)
+    torch.manual_seed(5)
+    with_grad = pykernels.scaled_dot_product_attention(q.requires_grad_(), k, v, dropout_p=0.2,
+                                                       backend=backend)
+    assert no_grad.grad_fn is None and with_grad.requires_grad
+    assert torch.equal(no_grad, with_grad.detach())
+
+
+# ---- autograd plumbing, backend selection, determinism ---------------------------------------
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_only_requested_gradients_and_no_grad(backend):
+    q, k, v = make_qkv((2, 2), (2, 2), 11, 9, 8, 8, seed=24)
+    k.requires_grad_()
+    out = pykernels.scaled_dot_product_attention(q, k, v, is_causal=True, backend=backend)
+    out.backward(random_like(out.shape))
+    kr = k.detach().requires_grad_()
+    F.scaled_dot_product_attention(q, kr, v, is_causal=True).backward(random_like(out.shape))
+    assert q.grad is None and v.grad is None
+    torch.testing.assert_close(k.grad, kr.grad, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        no_grad = pykernels.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                         backend=backend)
+    assert no_grad.grad_fn is None and torch.equal(no_grad, out.detach())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_attention_function(backend):
+    q, k, v = make_qkv((2, 4), (2, 2), 13, 10, 8, 6, seed=25)
+    mask = make_mask("bool", (2, 4), 13, 10, seed=25)
+    args = (mask, 0.0, False, 0.5, True, (3, 2), 4.0, backend)
+    grad_out = random_like((2, 4, 13, 6), seed=25)
+    via_function = out_and_grads(lambda q, k, v: pykernels.AttentionFunction.apply(
+        q, k, v, *args), q, k, v, grad_out)
+    opts = dict(attn_mask=mask, scale=0.5, enable_gqa=True, window=(3, 2), softcap=4.0)
+    assert_all_close(via_function, out_and_grads(ours_fn(backend, opts), q, k, v, grad_out),
+                     "AttentionFunction", rtol=0, atol=0)
+    assert_all_close(via_function, out_and_grads(expected_fn(opts), q, k, v, grad_out),
+                     "AttentionFunction vs reference")
+    out = pykernels.AttentionFunction.apply(q.requires_grad_(), k, v, *args)
+    assert type(out.grad_fn).__name__ == "AttentionFunctionBackward"
+    # the 3-D and 2-D shapes go through the Function too
+    q3, k3, v3 = q[0, :2], k[0], v[0]
+    torch.testing.assert_close(
+        pykernels.AttentionFunction.apply(q3, k3, v3, None, 0.0, True, None, False, None,
+                                          None, backend),
+        F.scaled_dot_product_attention(q3, k3, v3, is_causal=True), rtol=1e-12, atol=1e-12)
+
+
+def _spy_kernels(monkeypatch):
+    used = []
+    original = attn_ops._kernels
+
+    def spy(name):
+        used.append(name)
+        return original(name)
+
+    monkeypatch.setattr(attn_ops, "_kernels", spy)
+    return used
+
+
+def test_backend_selection(monkeypatch):
+    used = _spy_kernels(monkeypatch)
+    q, k, v = make_qkv((1, 2), (1, 2), 9, 9, 4, 4, seed=26)
+    expected = F.scaled_dot_product_attention(q, k, v)
+    for dtype in (torch.float64, torch.float32):
+        out = pykernels.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype))
+        torch.testing.assert_close(out, expected.to(dtype))
+    assert used == ["cpu", "cpu"]  # "auto" on CPU tensors: the fused C++ kernels
+    used.clear()
+    out = pykernels.scaled_dot_product_attention(q, k, v, backend="torch")
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    assert used == []
+    with pykernels.use_backend("torch"):
+        pykernels.scaled_dot_product_attention(q, k, v)
+    assert used == []
+    monkeypatch.setenv("PYKERNELS_BACKEND", "cpu")
+    pykernels.scaled_dot_product_attention(q, k, v)
+    assert used == ["cpu"]
+    if HAS_TRITON:
+        with pykernels.use_backend("triton"):
+            out = pykernels.scaled_dot_product_attention(q, k, v)
+        assert used == ["cpu", "triton"]
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_torch_backend_differentiates_float_masks():
+    """Only the torch backend takes a float mask that requires grad (the kernels refuse)."""
+    q, k, v = make_qkv((1, 2), (1, 2), 5, 6, 3, 3, seed=27)
+    mask = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, m: pykernels.scaled_dot_product_attention(
+        q, k, v, attn_mask=m, softcap=2.0, window=(1, 2), backend="torch"),
+        (q.requires_grad_(), mask))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_use_deterministic_bitwise_identical_backwards(backend):
+    Z, H, L, S = (2, 4, 300, 280) if backend == "cpu" else (1, 2, 33, 20)
+    q, k, v = make_qkv((Z, H), (Z, H // 2), L, S, 16, 8, dtype=torch.float32, seed=28)
+    grad_out = random_like((Z, H, L, 8), seed=28)
+    assert not attn_ops.deterministic()
+    with pykernels.use_deterministic():
+        assert attn_ops.deterministic()
+        with pykernels.use_deterministic(False):
+            assert not attn_ops.deterministic()
+        assert attn_ops.deterministic()
+        runs = []
+        for _ in range(2):
+            torch.manual_seed(29)
+            runs.append(out_and_grads(ours_fn(backend, dict(
+                enable_gqa=True, is_causal=True, dropout_p=0.1, softcap=5.0)), q, k, v,
+                grad_out))
+    assert not attn_ops.deterministic()
+    for name, a, b in zip(NAMES, *runs, strict=True):
+        assert torch.equal(a, b), f"{backend} {name} differs between two runs"
+
+
+def test_cpu_results_do_not_depend_on_the_thread_count():
+    """csrc/cpu/attention.cpp sums in a fixed order: one thread and several give the same
+    bits (the GEMMs are blocked over (z, head), not split over the reduction)."""
+    q, k, v = make_qkv((2, 4), (2, 2), 300, 270, 32, 16, dtype=torch.float32, seed=30)
+    grad_out = random_like((2, 4, 300, 16), seed=30)
+    opts = dict(enable_gqa=True, window=(100, 20), dropout_p=0.2)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            torch.manual_seed(31)
+            runs.append(out_and_grads(ours_fn("cpu", opts), q, k, v, grad_out))
+    finally:
+        torch.set_num_threads(threads)
+    for name, a, b in zip(NAMES, *runs, strict=True):
+        assert torch.equal(a, b), name
+
+
+# ---- registration: opcheck, torch.compile ------------------------------------------------------
+
+def _op_inputs(backend, options, dtype=torch.float32, requires_grad=True, seed=32):
+    """Arguments of pykernels::attention_forward for 4-D inputs (Z, H, L, E)."""
+    gqa = options.get("gqa", False)
+    Z, H, L, S = (1, 2, 13, 18) if backend == "triton" else (2, 4, 37, 29)
+    q, k, v = make_qkv((Z, H), (Z, H // 2 if gqa else H), L, S, 8, 6, dtype=dtype, seed=seed)
+    for t in (q, k, v):
+        t.requires_grad_(requires_grad)
+    mask = None
+    if options.get("mask") == "bool":  # as the op layer passes it: 0 / -inf, broadcast view
+        allowed = make_mask("bool", (Z, H), L, S, seed=seed)
+        mask = torch.zeros((), dtype=dtype).masked_fill(~allowed, -INF).expand(Z, H, L, S)
+    elif options.get("mask") == "float":
+        mask = make_mask("float_head", (Z, H), L, S, dtype=dtype, seed=seed)
+    left, right = options.get("window", (-1, -1))
+    p = options.get("dropout_p", 0.0)
+    rng = torch.tensor([1234567, 89], dtype=torch.int64) if p > 0 else None
+    return (q, k, v, mask, 8**-0.5, options.get("causal", False), left, right,
+            options.get("softcap", 0.0), p, rng)
+
+
+OP_OPTIONS = {
+    "plain": dict(),
+    "bool_mask-window": dict(mask="bool", window=(5, 2)),
+    "causal-gqa-dropout": dict(causal=True, gqa=True, dropout_p=0.25),
+    "float_mask-softcap-window_left": dict(mask="float", softcap=3.0, window=(4, -1)),
+}
+
+
+def _op_params():
+    return [pytest.param(b, name, id=f"{b}-{name}") for b in CPU_BACKENDS
+            for name in (["causal-gqa-dropout"] if b == "triton" else OP_OPTIONS)]
+
+
+@pytest.mark.parametrize("backend, name", _op_params())
+def test_opcheck_attention_forward(backend, name):
+    args = _op_inputs(backend, OP_OPTIONS[name])
+    opcheck(torch.ops.pykernels.attention_forward, (*args, backend))
+    if backend == "cpu":
+        detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in args]
+        opcheck(torch.ops.pykernels.attention_forward, (*detached, backend))
+
+
+@pytest.mark.parametrize("backend, name", _op_params())
+def test_opcheck_attention_backward(backend, name):
+    args = _op_inputs(backend, OP_OPTIONS[name], requires_grad=False)
+    q, k, v, mask, *options = args
+    out, lse = torch.ops.pykernels.attention_forward(*args, backend)
+    grad_out = random_like(out.shape, seed=33).float()
+    for deterministic in (False, True):
+        opcheck(torch.ops.pykernels.attention_backward,
+                (grad_out, q, k, v, out, lse, mask, *options, deterministic, backend))
+
+
+def _compile_case():
+    q, k, v = make_qkv((2, 4), (2, 2), 23, 31, 8, 6, seed=34)
+    mask = make_mask("bool_head", (2, 4), 23, 31, seed=34)
+    grad_out = random_like((2, 4, 23, 6), seed=34)
+    return q, k, v, mask, grad_out
+
+
+def test_torch_compile_fullgraph():
+    q, k, v, mask, grad_out = _compile_case()
+
+    def fn(q, k, v):
+        return pykernels.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True,
+                                                      window=(6, 3), softcap=4.0, backend="cpu")
+
+    torch._dynamo.reset()
+    compiled = out_and_grads(torch.compile(fn, fullgraph=True), q, k, v, grad_out)
+    eager = out_and_grads(fn, q, k, v, grad_out)
+    assert_all_close(compiled, eager, "compiled vs eager", rtol=1e-13, atol=1e-14)
+    opts = dict(attn_mask=mask, enable_gqa=True, window=(6, 3), softcap=4.0)
+    assert_all_close(compiled, out_and_grads(expected_fn(opts), q, k, v, grad_out),
+                     "compiled vs reference")
+
+
+def test_torch_compile_fullgraph_dropout():
+    """The seed is drawn inside the traced function: with Inductor's fallback_random (eager's
+    generator) the compiled call drops exactly what eager drops under the same manual_seed;
+    with Inductor's own generator it is still reproducible under manual_seed, and forward and
+    backward still share one mask (<dO, out> = <dv, v>)."""
+    q, k, v, mask, grad_out = _compile_case()
+
+    def fn(q, k, v):
+        return pykernels.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.3,
+                                                      enable_gqa=True, backend="cpu")
+
+    def seeded(f, seed=35):
+        def call(q, k, v):
+            torch.manual_seed(seed)
+            return f(q, k, v)
+        return call
+
+    eager = out_and_grads(seeded(fn), q, k, v, grad_out)
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled = out_and_grads(seeded(torch.compile(fn, fullgraph=True)), q, k, v, grad_out)
+    assert_all_close(compiled, eager, "compiled (fallback_random) vs eager", rtol=1e-13,
+                     atol=1e-14)
+    torch._dynamo.reset()
+    compiled_fn = torch.compile(fn, fullgraph=True)
+    first = out_and_grads(seeded(compiled_fn), q, k, v, grad_out)
+    again = out_and_grads(seeded(compiled_fn), q, k, v, grad_out)
+    other = out_and_grads(seeded(compiled_fn, 36), q, k, v, grad_out)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not torch.equal(first[0], other[0])
+    out, _, _, dv = first
+    torch.testing.assert_close((out * grad_out).sum(), (dv * v).sum(), rtol=1e-12, atol=1e-12)
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+ATTN_BAD = {
+    "query_not_tensor": (TypeError, "query must be a torch.Tensor"),
+    "int_query": (TypeError, "query must be a floating-point tensor"),
+    "int_value": (TypeError, "value must be a floating-point tensor"),
+    "query_1d": (ValueError, r"query must have shape \(..., length, features\)"),
+    "mixed_dtypes": (TypeError, "key has dtype torch.float64 but query has dtype torch.float32"),
+    "value_dtype": (TypeError, "value has dtype torch.float16 but query"),
+    "key_device": (ValueError, "key is on meta but query is on cpu"),
+    "value_device": (ValueError, "value is on meta but query is on cpu"),
+    "feature_mismatch": (ValueError, "key must have query's feature size E = 8"),
+    "no_features": (ValueError, "key must have query's feature size E = 0 >= 1"),
+    "value_length": (ValueError, "value must be .* with key's length S = 6"),
+    "rank_mismatch": (ValueError, "query, key and value must have the same number of dims"),
+    "batch_mismatch": (ValueError, "batch dims of query"),
+    "kv_heads_differ": (ValueError, "key and value must have the same number of heads, got 2 "
+                                    "and 4"),
+    "heads_without_gqa": (ValueError, "query has 4 heads but key/value have 2; pass "
+                                      "enable_gqa=True"),
+    "gqa_not_divisible": (ValueError, r"enable_gqa needs the query heads \(4\) to be a "
+                                      r"multiple of the key/value heads \(3\)"),
+    "gqa_no_kv_heads": (ValueError, r"enable_gqa needs the query heads \(4\)"),
+    "mask_not_tensor": (TypeError, "attn_mask must be a torch.Tensor"),
+    "mask_int": (TypeError, "attn_mask must be bool or query's dtype torch.float32, got "
+                            "torch.int64"),
+    "mask_other_float": (TypeError, "attn_mask must be bool or query's dtype torch.float32, "
+                                    "got torch.float64"),
+    "mask_not_broadcast": (ValueError, r"attn_mask of shape \(5, 5\) does not broadcast to "
+                                       r"\(..., L, S\) = \(2, 4, 5, 6\)"),
+    "mask_extra_dim": (ValueError, r"attn_mask of shape \(3, 2, 4, 5, 6\) does not broadcast"),
+    "mask_device": (ValueError, "attn_mask is on meta but query is on cpu"),
+    "causal_with_mask": (ValueError, "pass either attn_mask or is_causal=True, not both"),
+    "dropout_negative": (ValueError, r"dropout_p must be in \[0, 1\), got -0.1"),
+    "dropout_one": (ValueError, r"dropout_p must be in \[0, 1\), got 1.0"),
+    "dropout_nan": (ValueError, r"dropout_p must be in \[0, 1\), got nan"),
+    "dropout_bool": (ValueError, r"dropout_p must be in \[0, 1\), got True"),
+    "dropout_str": (ValueError, r"dropout_p must be in \[0, 1\)"),
+    "scale_nan": (ValueError, "scale must be a finite real number or None, got nan"),
+    "scale_str": (ValueError, "scale must be a finite real number or None"),
+    "window_negative": (ValueError, "window left must be an int >= 0 or None, got -1"),
+    "window_right_negative": (ValueError, "window right must be an int >= 0 or None, got -2"),
+    "window_length": (ValueError, r"window must be a \(left, right\) pair, got \(1, 2, 3\)"),
+    "window_int": (ValueError, r"window must be a \(left, right\) pair, got 3"),
+    "window_float": (ValueError, "window left must be an int >= 0 or None, got 1.5"),
+    "window_bool": (ValueError, "window right must be an int >= 0 or None, got True"),
+    "softcap_zero": (ValueError, "softcap must be a finite number > 0 or None, got 0.0"),
+    "softcap_negative": (ValueError, "softcap must be a finite number > 0 or None, got -1"),
+    "softcap_inf": (ValueError, "softcap must be a finite number > 0 or None, got inf"),
+    "float_mask_requires_grad": (ValueError, "gradients with respect to attn_mask are not "
+                                             "supported by the kernel backends"),
+    "head_dim_512_triton": (ValueError, "backend 'triton' supports head dims up to 256, got "
+                                        "512; use backend 'cpu' or 'torch'"),
+    "value_dim_300_triton": (ValueError, "backend 'triton' supports head dims up to 256, got "
+                                         "300"),
+    "backend_unknown": (ValueError, "backend must be one of"),
+    "backend_unavailable": (RuntimeError, "backend 'cuda' (is not available for cpu tensors|"
+                                          "has no kernels for this op yet)"),
+    "backend_dtype": (TypeError, "backend 'cpu' on cpu supports dtypes float32, float64"),
+    "function_torch_backend": (ValueError, "AttentionFunction runs kernel backends"),
+}
+
+
+@pytest.mark.parametrize("case", list(ATTN_BAD))
+def test_bad_input(monkeypatch, case):
+    """Each bad input raises a clear error naming the argument, before any kernel runs."""
+    error, pattern = ATTN_BAD[case]
+    if case.endswith("_triton") and not HAS_TRITON:
+        pytest.skip("needs the Triton interpreter")
+
+    def kernel_ran(name):
+        raise AssertionError(f"the {name} kernels ran before the arguments were checked")
+
+    monkeypatch.setattr(attn_ops, "_kernels", kernel_ran)
+    q, k, v = make_qkv((2, 4), (2, 4), 5, 6, 8, 8, dtype=torch.float32)
+    args, kwargs = [q, k, v], {"backend": "cpu"}
+    fn = pykernels.scaled_dot_product_attention
+    replace = {
+        "query_not_tensor": (0, q.tolist()), "int_query": (0, q.long()),
+        "int_value": (2, v.int()), "query_1d": (0, q[0, 0, 0]),
+        "mixed_dtypes": (1, k.double()), "value_dtype": (2, v.half()),
+        "key_device": (1, k.to("meta")), "value_device": (2, v.to("meta")),
+        "feature_mismatch": (1, k[..., :7]), "rank_mismatch": (1, k[0]),
+        "batch_mismatch": (1, torch.cat([k, k[:1]])), "kv_heads_differ": (1, k[:, :2]),
+        "value_length": (2, v[:, :, :5]),
+    }
+    if case in replace:
+        i, value = replace[case]
+        args[i] = value
+    elif case == "no_features":
+        args = [q[..., :0], k[..., :0], v]
+    elif case in ("heads_without_gqa", "gqa_not_divisible", "gqa_no_kv_heads"):
+        heads = {"heads_without_gqa": 2, "gqa_not_divisible": 3, "gqa_no_kv_heads": 0}[case]
+        args[1], args[2] = k[:, :heads], v[:, :heads]
+        kwargs["enable_gqa"] = case != "heads_without_gqa"
+    elif case.startswith("mask") or case in ("causal_with_mask", "float_mask_requires_grad"):
+        kwargs["attn_mask"] = {
+            "mask_not_tensor": [[True] * 6] * 5, "mask_int": torch.ones(5, 6, dtype=torch.long),
+            "mask_other_float": torch.zeros(5, 6, dtype=torch.float64),
+            "mask_not_broadcast": torch.ones(5, 5, dtype=torch.bool),
+            "mask_extra_dim": torch.ones(3, 2, 4, 5, 6, dtype=torch.bool),
+            "mask_device": torch.ones(5, 6, dtype=torch.bool, device="meta"),
+            "causal_with_mask": torch.ones(5, 6, dtype=torch.bool),
+            "float_mask_requires_grad": torch.zeros(5, 6, requires_grad=True),
+        }[case]
+        kwargs["is_causal"] = case == "causal_with_mask"
+    elif case.startswith("dropout"):
+        kwargs["dropout_p"] = {"negative": -0.1, "one": 1.0, "nan": float("nan"),
+                               "bool": True, "str": "0.1"}[case.split("_")[1]]
+    elif case.startswith("scale"):
+        kwargs["scale"] = {"scale_nan": float("nan"), "scale_str": "0.5"}[case]
+    elif case.startswith("window"):
+        kwargs["window"] = {"window_negative": (-1, 0), "window_right_negative": (0, -2),
+                            "window_length": (1, 2, 3), "window_int": 3,
+                            "window_float": (1.5, 0), "window_bool": (0, True)}[case]
+    elif case.startswith("softcap"):
+        kwargs["softcap"] = {"softcap_zero": 0.0, "softcap_negative": -1,
+                             "softcap_inf": INF}[case]
+    elif case == "head_dim_512_triton":
+        args = list(make_qkv((1, 1), (1, 1), 3, 3, 512, 16, dtype=torch.float32))
+        kwargs["backend"] = "triton"
+    elif case == "value_dim_300_triton":
+        args = list(make_qkv((1, 1), (1, 1), 3, 3, 16, 300, dtype=torch.float32))
+        kwargs["backend"] = "triton"
+    elif case == "backend_unknown":
+        kwargs["backend"] = "flash"
+    elif case == "backend_unavailable":
+        kwargs["backend"] = "cuda"
+    elif case == "backend_dtype":
+        args = [t.half() for t in args]
+    elif case == "function_torch_backend":
+        fn = pykernels.AttentionFunction.apply
+        args, kwargs = [q, k, v, None, 0.0, False, None, False, None, None, "torch"], {}
+    with pytest.raises(error, match=pattern):
+        fn(*args, **kwargs)
+
+
+def test_mask_not_broadcasting_as_in_torch():
+    """The shapes the op refuses, F refuses too (and the other way round)."""
+    q, k, v = make_qkv((2, 4), (2, 4), 5, 6, 8, 8)
+    for shape, ok in [((5, 6), True), ((6,), True), ((2, 1, 1, 6), True), ((4, 5, 1), True),
+                      ((5, 5), False), ((3, 4, 5, 6), False), ((2, 4, 5, 6, 1), False)]:
+        mask = torch.ones(shape, dtype=torch.bool)
+        with contextlib.nullcontext() if ok else pytest.raises(ValueError, match="attn_mask"):
+            out = pykernels.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                         backend="cpu")
+            torch.testing.assert_close(out, reference.scaled_dot_product_attention(q, k, v, mask))
+            if len(shape) > 1:  # F's CPU kernels do not take a 1-D mask
+                torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, mask))
+        if not ok:
+            with pytest.raises(RuntimeError):
+                F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+# ---- pykernels.nn.MultiheadAttention -----------------------------------------------------------
+
+def _mha_pair(seed=50, dtype=torch.float64, **kwargs):
+    """(ours, torch's) MultiheadAttention with one state_dict (ours drawn, torch's loaded)."""
+    torch.manual_seed(seed)
+    ours = pykernels.nn.MultiheadAttention(12, 3, dtype=dtype, **kwargs)
+    plain = torch.nn.MultiheadAttention(12, 3, dtype=dtype, **kwargs)
+    plain.load_state_dict(ours.state_dict())
+    return ours, plain
+
+
+def _mha_inputs(batch_first, kdim=12, vdim=12, L=7, S=9, N=2, seed=51, unbatched=False):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(length, features):
+        shape = ((length, features) if unbatched else
+                 (N, length, features) if batch_first else (length, N, features))
+        return torch.randn(shape, generator=g, dtype=torch.float64)
+
+    return rand(L, 12), rand(S, kdim), rand(S, vdim)
+
+
+def _mha_masks(kind, L=7, S=9, N=2, heads=3):
+    """(key_padding_mask, attn_mask, is_causal) in torch.nn.MultiheadAttention's convention
+    (bool: True = may NOT attend)."""
+    g = torch.Generator().manual_seed(52)
+    padding = torch.zeros(N, S, dtype=torch.bool)
+    padding[1, 6:] = True
+    causal = torch.ones(L, S, dtype=torch.bool).triu(1)
+    return {
+        "none": (None, None, False),
+        "key_padding": (padding, None, False),
+        "float_key_padding": (torch.zeros(N, S, dtype=torch.float64).masked_fill(padding, -INF),
+                              None, False),
+        "bool_mask": (None, torch.rand(L, S, generator=g) > 0.7, False),
+        "float_mask": (None, torch.randn(L, S, generator=g, dtype=torch.float64), False),
+        "per_head_mask": (None, torch.randn(N * heads, L, S, generator=g, dtype=torch.float64),
+                          False),
+        "causal": (None, causal, True),
+        "causal_and_padding": (padding, causal, True),
+        "bool_mask_and_padding": (padding, torch.rand(L, S, generator=g) > 0.7, False),
+    }[kind]
+
+
+def _mha_run(module, q, k, v, **kwargs):
+    """(output, weights, input grads, parameter grads) of one forward/backward."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out, weights = module(*leaves, **kwargs)
+    grad_out = random_like(out.shape, seed=53)
+    params = [p for p in module.parameters()]
+    grads = torch.autograd.grad(out, leaves + params, grad_out, allow_unused=True)
+    return out.detach(), weights, grads
+
+
+MHA_MASKS = ["none", "key_padding", "float_key_padding", "bool_mask", "float_mask",
+             "per_head_mask", "causal", "causal_and_padding", "bool_mask_and_padding"]
+
+
+@pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
+@pytest.mark.parametrize("dims", [(12, 12), (7, 5)], ids=["same_dims", "kdim7_vdim5"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_multihead_attention_fused_path_matches_torch(batch_first, dims, bias):
+    """need_weights=False: the fused path, output and every gradient as torch's module, for
+    every kind of mask."""
+    kdim, vdim = dims
+    ours, plain = _mha_pair(kdim=kdim, vdim=vdim, bias=bias, batch_first=batch_first)
+    assert isinstance(ours, torch.nn.MultiheadAttention)
+    assert ours.state_dict().keys() == plain.state_dict().keys()
+    q, k, v = _mha_inputs(batch_first, kdim, vdim)
+    for kind in MHA_MASKS:
+        padding, mask, causal = _mha_masks(kind)
+        kwargs = dict(key_padding_mask=padding, attn_mask=mask, is_causal=causal,
+                      need_weights=False)
+        out, weights, grads = _mha_run(ours, q, k, v, **kwargs)
+        ref_out, _, ref_grads = _mha_run(plain, q, k, v, **kwargs)
+        assert weights is None
+        torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12, msg=kind)
+        for i, (a, e) in enumerate(zip(grads, ref_grads, strict=True)):
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12,
+                                       msg=lambda m, i=i, kind=kind: f"{kind} grad {i}: {m}")
+
+
+def test_multihead_attention_fused_path_runs_the_kernel(monkeypatch):
+    used = _spy_kernels(monkeypatch)
+    ours, plain = _mha_pair()
+    q, k, v = _mha_inputs(False)
+    ours(q, k, v, need_weights=False)
+    assert used == ["cpu"]
+    used.clear()
+    out, weights = ours(q, k, v)  # need_weights=True: torch's own computation
+    assert used == [] and weights.shape == (2, 7, 9)
+
+
+@pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
+@pytest.mark.parametrize("average", [True, False], ids=["averaged", "per_head"])
+def test_multihead_attention_need_weights_as_torch(batch_first, average):
+    ours, plain = _mha_pair(batch_first=batch_first, kdim=7, vdim=5)
+    q, k, v = _mha_inputs(batch_first, 7, 5)
+    padding, mask, _ = _mha_masks("bool_mask_and_padding")
+    kwargs = dict(key_padding_mask=padding, attn_mask=mask, average_attn_weights=average)
+    out, weights, grads = _mha_run(ours, q, k, v, **kwargs)
+    ref_out, ref_weights, ref_grads = _mha_run(plain, q, k, v, **kwargs)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-10, atol=1e-12)
+    assert weights.shape == ((2, 7, 9) if average else (2, 3, 7, 9))
+    fused, _, _ = _mha_run(ours, q, k, v, need_weights=False, key_padding_mask=padding,
+                           attn_mask=mask)
+    torch.testing.assert_close(fused, out, rtol=1e-10, atol=1e-12)
+
+
+def test_multihead_attention_unbatched_and_eval_dropout():
+    ours, plain = _mha_pair(dropout=0.4)
+    ours.eval()
+    plain.eval()
+    q, k, v = _mha_inputs(False, unbatched=True)
+    padding = torch.zeros(9, dtype=torch.bool)
+    padding[7:] = True
+    for kwargs in (dict(), dict(key_padding_mask=padding),
+                   dict(attn_mask=_mha_masks("causal")[1], is_causal=True)):
+        out, _, grads = _mha_run(ours, q, k, v, need_weights=False, **kwargs)
+        ref_out, _, ref_grads = _mha_run(plain, q, k, v, need_weights=False, **kwargs)
+        assert out.shape == (7, 12)
+        torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
+        for a, e in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+def test_multihead_attention_training_dropout():
+    """In training mode the fused path drops attention weights: reproducible under
+    torch.manual_seed, different from eval mode, and like eval mode without dropout."""
+    ours, _ = _mha_pair(dropout=0.3, batch_first=True)
+    q, k, v = _mha_inputs(True)
+    ours.train()
+    torch.manual_seed(54)
+    first, _ = ours(q, k, v, need_weights=False)
+    torch.manual_seed(54)
+    again, _ = ours(q, k, v, need_weights=False)
+    ours.eval()
+    evaluated, _ = ours(q, k, v, need_weights=False)
+    assert torch.equal(first, again) and not torch.allclose(first, evaluated)
+    ours.dropout = 0.0
+    ours.train()
+    torch.testing.assert_close(ours(q, k, v, need_weights=False)[0], evaluated, rtol=0, atol=0)
+
+
+def test_multihead_attention_is_causal_needs_a_mask_like_torch():
+    ours, plain = _mha_pair()
+    q, k, v = _mha_inputs(False)
+    for module in (ours, plain):
+        with pytest.raises(RuntimeError, match="attn_mask"):
+            module(q, k, v, need_weights=False, is_causal=True)
+
+
+def test_multihead_attention_torch_compile_fullgraph():
+    ours, plain = _mha_pair(batch_first=True)
+    q, k, v = _mha_inputs(True)
+    padding, mask, _ = _mha_masks("bool_mask_and_padding")
+
+    def fn(q, k, v):
+        return ours(q, k, v, key_padding_mask=padding, attn_mask=mask, need_weights=False)[0]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True)(q, k, v)
+    expected = plain(q, k, v, key_padding_mask=padding, attn_mask=mask, need_weights=False)[0]
+    torch.testing.assert_close(compiled, expected, rtol=1e-10, atol=1e-12)
+
+
+# ---- GPU (cuda marker: skipped without a CUDA device) ----------------------------------------
+
+def _cuda_attention_kernels():
+    """Whether pykernels._C has CUDA attention kernels (it raises for CUDA tensors until
+    kernels/attention.cu is bound)."""
+    if not (torch.cuda.is_available() and pykernels.has_cuda()):
+        return False
+    x = torch.zeros(1, 1, 16, 16, device="cuda", dtype=torch.float16)
+    try:
+        pykernels.scaled_dot_product_attention(x, x, x, backend="cuda")
+    except RuntimeError as error:  # the op layer or pykernels._C says it has none
+        if re.search("no (CUDA attention )?kernels", str(error)):
+            return False
+        raise
+    return True
+
+
+CUDA_ATTENTION = _cuda_attention_kernels()
+
+
+def attention_gpu_backends():
+    return [pytest.param(b, id=b, marks=pytest.mark.skip(
+        reason="the cuda backend has no attention kernels yet (pykernels._C raises for CUDA "
+               "tensors)") if b == "cuda" and not CUDA_ATTENTION else ())
+        for b in gpu_kernel_backends()]
+
+
+GPU_CASES = {
+    # name: (Z, Hq, Hkv, L, S, E, Ev, options)
+    "1025-e64": (2, 8, 8, 1025, 1025, 64, 64, dict()),
+    "2047-e128-causal": (2, 8, 8, 2047, 2047, 128, 128, dict(is_causal=True)),
+    "L777-S3001-e64x96": (2, 4, 4, 777, 3001, 64, 96, dict()),
+    "S777-L3001-causal": (1, 4, 4, 3001, 777, 64, 64, dict(is_causal=True)),
+    "4099-gqa4-causal": (1, 8, 2, 4099, 4099, 128, 128, dict(is_causal=True)),
+    "4096-window-softcap": (1, 8, 4, 4096, 4096, 128, 128, dict(window=(511, 0),
+                                                                   softcap=30.0)),
+    "2053-bool-head-mask": (2, 4, 4, 2053, 2053, 64, 64, dict(attn_mask="bool_head")),
+    "1531-float-mask-window": (2, 4, 4, 1531, 1999, 64, 64, dict(attn_mask="float",
+                                                                   window=(300, 300))),
+    "1000-e256": (1, 4, 4, 1000, 1000, 256, 256, dict(is_causal=True)),
+    "333-e16-e32": (4, 4, 1, 333, 333, 16, 32, dict(window=(None, 7))),
+    "8192-e128-causal": (1, 4, 4, 8192, 8192, 128, 128, dict(is_causal=True)),
+    "16384-e128": (1, 2, 2, 16384, 16384, 128, 128, dict()),
+    "16384-e64-causal-gqa": (1, 2, 1, 16384, 16384, 64, 64, dict(is_causal=True)),
+}
+SLOW_GPU = {"8192-e128-causal", "16384-e128", "16384-e64-causal-gqa"}
+
+
+def gpu_rule_case(backend, name, dtype, seed=0):
+    Z, hq, hkv, L, S, E, Ev, options = GPU_CASES[name]
+    options = dict(options, enable_gqa=hq != hkv)
+    q, k, v = make_qkv((Z, hq), (Z, hkv), L, S, E, Ev, dtype=dtype, device="cuda", seed=seed)
+    if isinstance(options.get("attn_mask"), str):
+        options["attn_mask"] = make_mask(options["attn_mask"], (Z, hq), L, S, dtype=dtype,
+                                         device="cuda", seed=seed)
+    grad_out = random_like((Z, hq, L, Ev), seed=seed, device="cuda")
+    ours = out_and_grads(ours_fn(backend, options), q, k, v, grad_out)
+    # plain PyTorch in the same dtype: the reference composition (scores in dtype, as
+    # FlashAttention's tests compare against), exact: float64 on the same rounded values
+    plain = out_and_grads(lambda q, k, v: reference.scaled_dot_product_attention(
+        q, k, v, **options), q, k, v, grad_out)
+    mask = options.get("attn_mask")
+    exact_options = {**options, "attn_mask": mask.double() if mask is not None
+                     and mask.is_floating_point() else mask}
+    exact = out_and_grads(lambda q, k, v: reference.scaled_dot_product_attention(
+        q, k, v, **exact_options), q.double(), k.double(), v.double(), grad_out)
+    assert ours[0].dtype == dtype
+    assert_rule(ours, plain, exact, f"{backend} {dtype} {name}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", attention_gpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.slow) if n in SLOW_GPU else n for n in GPU_CASES])
+def test_gpu_low_precision_rule(backend, dtype, name):
+    gpu_rule_case(backend, name, dtype)
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", attention_gpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_fully_masked_rows_and_extremes(backend, dtype):
+    Z, H, L, S = 2, 4, 300, 200
+    q, k, v = make_qkv((Z, H), (Z, H), L, S, 64, 64, dtype=dtype, device="cuda", seed=40,
+                       scale=4.0)
+    mask = make_mask("bool_head", (Z, H), L, S, device="cuda", seed=40)
+    mask[:, :, 7] = False
+    grad_out = random_like((Z, H, L, 64), seed=40, device="cuda")
+    for opts in (dict(attn_mask=mask), dict(window=(0, 0)), dict(attn_mask=mask, softcap=20.0)):
+        ours = out_and_grads(ours_fn(backend, opts), q, k, v, grad_out)
+        for t in ours:
+            assert torch.isfinite(t).all()
+        empty = [7] if "attn_mask" in opts else list(range(S, L))
+        assert not ours[0][:, :, empty].any() and not ours[1][:, :, empty].any()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", attention_gpu_backends())
+def test_gpu_dropout_same_mask_as_cpu(backend):
+    """The cuda tensors' keep mask equals the cpu backend's for the same seed (the seed comes
+    from the CPU generator; one Philox scheme everywhere), and the gradients use it."""
+    Z, H, L, S, p, seed = 2, 4, 129, 200, 0.3, 41
+    cpu_keep = keep_mask("cpu", (Z, H, L, S), p, seed)
+    q = torch.zeros(Z, H, L, 16, device="cuda")
+    k = torch.randn(Z, H, S, 16, device="cuda")
+    v = torch.eye(S, device="cuda").expand(Z, H, S, S).contiguous()
+    torch.manual_seed(seed)
+    out = pykernels.scaled_dot_product_attention(q, k, v, dropout_p=p, backend=backend)
+    assert torch.equal(out.cpu() > 0, cpu_keep)
+    qq, kk, vv = make_qkv((Z, H), (Z, H), L, S, 64, 64, dtype=torch.float32, device="cuda",
+                          seed=seed)
+    grad_out = random_like((Z, H, L, 64), seed=seed, device="cuda")
+
+    def ours(q, k, v):
+        torch.manual_seed(seed)
+        return pykernels.scaled_dot_product_attention(q, k, v, dropout_p=p, backend=backend)
+
+    keep = cpu_keep.cuda()
+    got = out_and_grads(ours, qq, kk, vv, grad_out)
+    exact = out_and_grads(lambda q, k, v: explicit_dropout_attention(q, k, v, keep, p),
+                          qq.double(), kk.double(), vv.double(), grad_out)
+    for name, a, e in zip(NAMES, got, exact, strict=True):
+        torch.testing.assert_close(a.double(), e, rtol=2e-3, atol=2e-3, msg=name)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", attention_gpu_backends())
+def test_gpu_deterministic_backward(backend):
+    q, k, v = make_qkv((2, 8), (2, 2), 1025, 1025, 128, 128, dtype=torch.bfloat16,
+                       device="cuda", seed=42)
+    grad_out = random_like((2, 8, 1025, 128), seed=42, device="cuda")
+    with pykernels.use_deterministic():
+        runs = [out_and_grads(ours_fn(backend, dict(is_causal=True, enable_gqa=True)), q, k, v,
+                              grad_out) for _ in range(2)]
+    for name, a, b in zip(NAMES, *runs, strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", attention_gpu_backends())
+def test_gpu_opcheck_and_compile(backend):
+    q, k, v = make_qkv((2, 4), (2, 2), 97, 130, 64, 64, dtype=torch.bfloat16, device="cuda",
+                       seed=43)
+    rng = torch.tensor([5, 7], dtype=torch.int64)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), None, 0.125, True, -1,
+            -1, 0.0, 0.2, rng)
+    opcheck(torch.ops.pykernels.attention_forward, (*args, backend))
+    mask = make_mask("bool_head", (2, 4), 97, 130, device="cuda", seed=43)
+
+    def fn(q, k, v):
+        return pykernels.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True,
+                                                      softcap=30.0, backend=backend)
+
+    torch._dynamo.reset()
+    grad_out = random_like((2, 4, 97, 64), seed=43, device="cuda")
+    compiled = out_and_grads(torch.compile(fn, fullgraph=True), q, k, v, grad_out)
+    eager = out_and_grads(fn, q, k, v, grad_out)
+    for name, c, e in zip(NAMES, compiled, eager, strict=True):
+        torch.testing.assert_close(c, e, msg=name)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_gpu_default_backend(dtype):
+    """'auto' passes over backends without attention kernels (it once picked 'cuda' for the
+    half types, whose pykernels._C raised for CUDA tensors)."""
+    q, k, v = make_qkv((2, 4), (2, 4), 65, 65, 64, 64, dtype=dtype, device="cuda", seed=44)
+    out = pykernels.scaled_dot_product_attention(q, k, v, is_causal=True)
+    plain = reference.scaled_dot_product_attention(q, k, v, is_causal=True)
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    assert out.dtype == dtype
+    assert_low_precision_close(out, plain, exact, name=f"default backend {dtype}")
+
+
+@pytest.mark.cuda
+def test_gpu_head_dim_error_names_backends_that_work():
+    """For CUDA tensors the error does not suggest 'cpu' (it once did)."""
+    q = torch.randn(1, 1, 8, 512, device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match="supports head dims up to 256") as info:
+        pykernels.scaled_dot_product_attention(q, q, q, backend="triton")
+    assert "'torch'" in str(info.value) and "'cpu'" not in str(info.value)
