@@ -293,7 +293,8 @@ def test_float64_matches_torch(backend, case, seed):
         assert_all_close(ref, exact, f"reference {case_id(case)}")
 
 
-@pytest.mark.parametrize("backend, case, seed", backend_cases(COMPARE_CPU, COMPARE_TRITON))
+# float32 under the interpreter: the first four triton cases (float64 above has them all).
+@pytest.mark.parametrize("backend, case, seed", backend_cases(COMPARE_CPU, COMPARE_TRITON[:4]))
 def test_float32_low_precision_rule(backend, case, seed):
     q, k, v, opts = case_inputs(case, dtype=torch.float32, seed=seed + 200)
     grad_out = random_like(q.shape[:-1] + v.shape[-1:], seed=seed)
@@ -310,9 +311,9 @@ def test_float32_low_precision_rule(backend, case, seed):
 
 @pytest.mark.parametrize("lengths, heads, dims, options", [
     ((1025, 1025), (2, 2), (64, 64), dict(is_causal=True)),
-    ((517, 1100), (4, 1), (128, 80), dict(window=(300, 40), softcap=20.0)),
+    ((517, 800), (4, 1), (128, 80), dict(window=(300, 40), softcap=20.0)),
     ((777, 333), (4, 2), (32, 32), dict(mask="float_head")),
-], ids=["1025-causal", "517x1100-mqa-window-softcap", "777x333-gqa-float-mask"])
+], ids=["1025-causal", "517x800-mqa-window-softcap", "777x333-gqa-float-mask"])
 def test_cpu_float32_larger_shapes(lengths, heads, dims, options):
     """Several 256-row tiles, bands that skip whole tiles, a 4-fold GQA sum (float32: the
     rule of DESIGN.md section 4)."""
@@ -387,9 +388,10 @@ def test_five_dim_gqa_and_mask_broadcast_over_extra_batch_dims(backend):
     b2 = 3 if backend == "cpu" else 2
     q, k, v = make_qkv((2, b2, 4), (2, b2, 2), 7, 9, 8, 8, seed=5)
     grad_out = random_like(q.shape, seed=5)
-    for mask in (make_mask("key_padding", (2, b2, 4), 7, 9),          # (2, 1, 1, 1, 9)
-                 torch.rand(b2, 1, 7, 9, generator=torch.Generator().manual_seed(1)) > 0.4,
-                 torch.randn(9, dtype=torch.float64)):                  # (S,)
+    masks = [make_mask("key_padding", (2, b2, 4), 7, 9),               # (2, 1, 1, 1, 9)
+             torch.rand(b2, 1, 7, 9, generator=torch.Generator().manual_seed(1)) > 0.4,
+             torch.randn(9, dtype=torch.float64)]                       # (S,)
+    for mask in masks[:2] if backend == "triton" else masks:
         opts = dict(attn_mask=mask, enable_gqa=True)
         assert_all_close(out_and_grads(ours_fn(backend, opts), q, k, v, grad_out),
                          out_and_grads(expected_fn(opts), q, k, v, grad_out),
@@ -414,8 +416,9 @@ def test_non_contiguous_inputs(backend):
     fmask = rand(B, S, H, L).permute(0, 2, 3, 1)
     grad_out = rand(B, L, H, Ev).transpose(1, 2)
     assert not any(t.is_contiguous() for t in (q, k, v, mask, fmask, grad_out))
-    for opts in (dict(), dict(attn_mask=mask), dict(attn_mask=fmask, window=(4, 1)),
-                 dict(is_causal=True, softcap=3.0)):
+    options = [dict(attn_mask=mask), dict(attn_mask=fmask, window=(4, 1)),
+               dict(is_causal=True, softcap=3.0), dict()]
+    for opts in options[:2] if backend == "triton" else options:
         assert_all_close(out_and_grads(ours_fn(backend, opts), q, k, v, grad_out),
                          out_and_grads(expected_fn(opts), q, k, v, grad_out),
                          f"{backend} non-contiguous {list(opts)}")
@@ -513,8 +516,9 @@ def test_extreme_values(backend):
     mask[0, 0, 5, :-1] = -INF  # a row with one key left
     mask[-1, 1, 7] = -1e4      # a row at -1e4 everywhere
     grad_out = random_like(q.shape, seed=12)
-    for opts in (dict(attn_mask=mask), dict(attn_mask=mask, softcap=50.0),
-                 dict(is_causal=True, window=(5, None)), dict(softcap=20.0)):
+    options = [dict(attn_mask=mask, softcap=50.0), dict(is_causal=True, window=(5, None)),
+               dict(attn_mask=mask), dict(softcap=20.0)]
+    for opts in options[:2] if backend == "triton" else options:
         what = f"{backend} extreme {list(opts)}"
         exact = out_and_grads(expected_fn(opts), q * 40, k, v, grad_out)
         ours = out_and_grads(ours_fn(backend, opts), q * 40, k, v, grad_out)
@@ -854,7 +858,7 @@ def test_torch_backend_differentiates_float_masks():
     mask = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda q, m: pykernels.scaled_dot_product_attention(
         q, k, v, attn_mask=m, softcap=2.0, window=(1, 2), backend="torch"),
-        (q.requires_grad_(), mask))
+        (q.requires_grad_(), mask), fast_mode=True)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
