@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import cpu_kernel_backends, gpu_kernel_backends
+from conftest import cpu_kernel_backends, gpu_kernel_backends, pairwise
 from torch.library import opcheck
 
 import pykernels
@@ -72,26 +72,6 @@ class _FreshGraph(torch.autograd.Function):
 
 def fresh_graph(fn):
     return lambda *inputs: _FreshGraph.apply(fn, *inputs)
-
-
-def pairwise(factors, valid=lambda case: True):
-    """A few combinations of ``factors`` ({name: values}) that together hold every pair of
-    values of any two factors (greedy all-pairs, deterministic), each ``valid``."""
-    names = list(factors)
-    candidates = [dict(zip(names, values, strict=True))
-                  for values in itertools.product(*factors.values())]
-    candidates = [c for c in candidates if valid(c)]
-
-    def pairs(c):
-        return {(a, repr(c[a]), b, repr(c[b])) for a, b in itertools.combinations(names, 2)}
-
-    uncovered = set().union(*(pairs(c) for c in candidates))
-    chosen = []
-    while uncovered:
-        best = max(candidates, key=lambda c: len(pairs(c) & uncovered))
-        chosen.append(best)
-        uncovered -= pairs(best)
-    return chosen
 
 
 def case_id(case):
