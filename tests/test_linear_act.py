@@ -50,7 +50,7 @@ def assert_matches_reference(backend, activation, x, w, b, grad_out, tol,
         grad_out)
     ref = forward_and_grads(lambda x, w, b: torch_reference(x, w, b, activation,
                                                             negative_slope), x, w, b, grad_out)
-    for a, e in zip(ours, ref):
+    for a, e in zip(ours, ref, strict=True):
         assert a.shape == e.shape
         torch.testing.assert_close(a, e, rtol=tol, atol=tol)
     return ours
@@ -93,7 +93,7 @@ def test_float32_matches_float64_reference(backend, activation, shape):
     ref = forward_and_grads(lambda x, w, b: torch_reference(x, w, b, activation), *exact,
                             grad_out)
     for name, a, p, e in zip(["out", "grad_input", "grad_weight", "grad_bias"], ours, plain,
-                             ref):
+                             ref, strict=True):
         assert a.dtype == torch.float32
         assert_low_precision_close(a, p, e, name=name)
 
@@ -217,7 +217,7 @@ def test_linear_act_function(backend):
         x, w, b, "sigmoid", 0.01, backend), x, w, b, grad_out)
     ref = forward_and_grads(lambda x, w, b: torch_reference(x, w, b, "sigmoid"), x, w, b,
                             grad_out)
-    for a, e in zip(ours, ref):
+    for a, e in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
     assert type(ours[0].grad_fn).__name__ == "LinearActFunctionBackward"
 
@@ -242,7 +242,7 @@ def test_torch_compile_fullgraph_function_and_module(backend):
     ref_loss = torch_reference(hidden, layer.weight[:4, :10], None, "silu").sum()
     ref_grads = torch.autograd.grad(ref_loss, (x_ref, layer.weight, layer.bias))
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
-    for a, e in zip(grads, ref_grads):
+    for a, e in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
 
@@ -407,7 +407,7 @@ def low_precision_case(backend, dtype, activation, m, k, n, bias=True, transpose
     ref = forward_and_grads(lambda x, w, b: torch_reference(x, w, b, activation), *exact,
                             grad_out)
     for name, a, p, e in zip(["out", "grad_input", "grad_weight", "grad_bias"], ours, plain,
-                             ref):
+                             ref, strict=True):
         assert a.dtype == dtype and a.shape == e.shape
         assert_low_precision_close(a, p, e, name=f"{backend} {dtype} {activation} {name}")
 
