@@ -115,7 +115,9 @@ std::pair<int64_t, int64_t> key_range(const Scores<T>& sc, int64_t i0, int64_t i
 }
 
 // GQA: a key/value tensor (Z, Hkv, n, d) as (Z, Hq, n, d), each kv head repeated for the
-// group of query heads that reads it (a broadcast view: matmul copies only the tile).
+// group of query heads that reads it. The reshape of the expanded view copies K and V
+// whole (Z, Hq, S, d) when group > 1: O(S) per head, but group times the inputs' memory;
+// a grouped (Z, Hkv, G, ...) matmul would avoid it.
 at::Tensor per_query_head(const at::Tensor& t, int64_t group) {
   if (group == 1) return t;
   const auto s = t.sizes();
