@@ -5,14 +5,17 @@
     loss = pykernels.cross_entropy(logits, target)          # F.cross_entropy, fused
     loss = pykernels.linear_cross_entropy(h, lm_head.weight, target)  # no (N, V) logits
     layer = pykernels.nn.Linear(512, 2048, activation="gelu")
+    model = pykernels.models.Transformer(vocab_size, 256, 4, 4, max_seq_len=512)
+    report = pykernels.fuse(torch_model)                    # swap in the fused layers
     with pykernels.use_backend("triton"): ...
 
 ``pykernels.backends()`` lists the backends usable here (DESIGN.md §3).
 """
 
-from . import nn, reference
+from . import models, nn, reference
 from .activations import ACTIVATIONS
 from .backends import BACKENDS, backends, has_cuda, use_backend
+from .convert import FuseReport, fuse
 from .ops.attention import AttentionFunction, scaled_dot_product_attention, use_deterministic
 from .ops.cross_entropy import (
     CrossEntropyFunction,
@@ -29,13 +32,16 @@ __all__ = [
     "AttentionFunction",
     "BACKENDS",
     "CrossEntropyFunction",
+    "FuseReport",
     "LinearCrossEntropyFunction",
     "LinearActFunction",
     "backends",
     "cross_entropy",
+    "fuse",
     "has_cuda",
     "linear_act",
     "linear_cross_entropy",
+    "models",
     "nn",
     "reference",
     "scaled_dot_product_attention",

@@ -3,5 +3,7 @@
 from .attention import MultiheadAttention
 from .linear import Linear
 from .loss import CrossEntropyLoss, LinearCrossEntropyLoss
+from .transformer import TransformerDecoderLayer, TransformerEncoderLayer
 
-__all__ = ["CrossEntropyLoss", "Linear", "LinearCrossEntropyLoss", "MultiheadAttention"]
+__all__ = ["CrossEntropyLoss", "Linear", "LinearCrossEntropyLoss", "MultiheadAttention",
+           "TransformerDecoderLayer", "TransformerEncoderLayer"]

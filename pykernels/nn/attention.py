@@ -4,6 +4,7 @@ import torch
 
 from ..ops.attention import scaled_dot_product_attention
 from ..ops.linear_act import linear_act
+from ._clone import clone_as
 
 
 def _additive(mask, dtype):
@@ -23,6 +24,15 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     None); with ``need_weights=True``, or with add_bias_kv / add_zero_attn, PyTorch's own
     forward computes the weights as it always does.
     """
+
+    @classmethod
+    def from_torch(cls, attention):
+        """The fused module over ``attention``'s Parameters (shared, not copied), options
+        and hooks; ``attention`` itself is left as it was."""
+        if not isinstance(attention, torch.nn.MultiheadAttention):
+            raise TypeError(f"attention must be a torch.nn.MultiheadAttention, got "
+                            f"{type(attention).__name__}")
+        return clone_as(attention, cls)
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
                 attn_mask=None, average_attn_weights=True, is_causal=False):
