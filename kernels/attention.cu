@@ -391,6 +391,7 @@ __global__ void __launch_bounds__(Config<T, kD, Pass::Forward>::kThreads)
   zero_warp_rows(w_acc, kL.acc_ld);
   load_tile<Cfg::kRows, kD, Cfg::kThreads>(q_tile, kL.tile_ld, p.q.head(z, h), p.q.s[2], p.q.s[3],
                                            m0, p.L, p.E, p.q.vec);
+  cp_async_commit();  // waited for with the first K/V tile, or after the loop
   float m_run = -INFINITY, l_run = 0.0f;
   const TileRange keys = key_range(p, m0, min(m0 + Cfg::kRows, p.L) - 1, kN);
   for (int64_t n0 = keys.first; n0 < keys.end; n0 += kN) {
@@ -446,7 +447,7 @@ __global__ void __launch_bounds__(Config<T, kD, Pass::Forward>::kThreads)
     warp_mma<T, kD, kN, true>(w_acc, kL.acc_ld, w_probs, kL.prob_ld, v_tile, kL.tile_ld, true);
     __syncwarp();
   }
-  cp_async_wait<0>();  // an empty band leaves the own tiles' copies in flight
+  cp_async_wait<0>();  // nothing in flight at exit (an empty band never waited)
 
   if (row0 >= p.L) return;
   T* out_zh = out.head(z, h);
@@ -527,6 +528,7 @@ __global__ void __launch_bounds__(Config<T, kD, Pass::DkDv>::kThreads)
                                            p.k.s[3], n0, p.S, p.E, p.k.vec);
   load_tile<Cfg::kRows, kD, Cfg::kThreads>(v_tile, kL.tile_ld, p.v.head(z, hk), p.v.s[2],
                                            p.v.s[3], n0, p.S, p.Ev, p.v.vec);
+  cp_async_commit();  // waited for with the first Q/dO tile, or after the loop
   const TileRange queries = query_range(p, n0, min(n0 + Cfg::kRows, p.S) - 1, kM);
 #pragma unroll 1
   for (int64_t g = 0; g < p.group; ++g) {
@@ -578,7 +580,7 @@ __global__ void __launch_bounds__(Config<T, kD, Pass::DkDv>::kThreads)
       __syncwarp();
     }
   }
-  cp_async_wait<0>();  // an empty band leaves the own tiles' copies in flight
+  cp_async_wait<0>();  // nothing in flight at exit (an empty band never waited)
 
   if (col0 >= p.S) return;
   T* dk_zk = dk.head(z, hk);
@@ -636,6 +638,7 @@ __global__ void __launch_bounds__(Config<T, kD, Pass::Dq>::kThreads)
                                            m0, p.L, p.E, p.q.vec);
   load_tile<Cfg::kRows, kD, Cfg::kThreads>(do_tile, kL.tile_ld, dout.head(z, h), dout.s[2],
                                            dout.s[3], m0, p.L, p.Ev, dout.vec);
+  cp_async_commit();  // waited for with the first K/V tile, or after the loop
   const TileRange keys = key_range(p, m0, min(m0 + Cfg::kRows, p.L) - 1, kN);
   for (int64_t n0 = keys.first; n0 < keys.end; n0 += kN) {
     __syncthreads();  // every warp is done with the previous K/V tile
@@ -672,7 +675,7 @@ __global__ void __launch_bounds__(Config<T, kD, Pass::Dq>::kThreads)
     warp_mma<T, kD, kN, true>(w_dq, kL.acc_ld, w_ds, kL.prob_ld, k_tile, kL.tile_ld, true);
     __syncwarp();
   }
-  cp_async_wait<0>();  // an empty band leaves the own tiles' copies in flight
+  cp_async_wait<0>();  // nothing in flight at exit (an empty band never waited)
 
   if (row0 >= p.L) return;
   T* dq_zh = dq.head(z, h);
