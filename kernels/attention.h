@@ -35,8 +35,8 @@
 //
 // Dropout keep mask: D_ij = 1 iff uniform(seed, offset, z, h, i, j) >= p, with the uniform
 // from a counter-based generator (Philox-4x32-10 keyed by seed, counter from offset and the
-// element index ((z * Hq + h) * L + i) * S + j), so forward and backward regenerate the
-// same mask without storing it.
+// element index ((z * Hq + h) * L + i) * S + j; exact definition in philox.h, shared with
+// the CPU backend), so forward and backward regenerate the same mask without storing it.
 #pragma once
 
 #include <cstdint>
@@ -65,16 +65,18 @@ struct AttentionArgs {
   bool causal;
   int64_t window_left, window_right;  // -1: unbounded
   float softcap;                      // 0: none
-  float dropout_p;                    // in [0, 1)
+  // In [0, 1). Double, as the CPU backend compares with it: the keep test against
+  // dropout_threshold(p) (philox.h) must see the same p to drop the same elements.
+  double dropout_p;
   uint64_t seed, offset;
-  bool deterministic;
+  bool deterministic;  // honoured always: the CUDA backward uses no atomics
 };
 
 // out (Z, Hq, L, Ev) with strides out_strides, lse (Z, Hq, L) fp32 contiguous.
 cudaError_t attention_forward(const AttentionArgs& args, void* out, const int64_t out_strides[4],
                               float* lse, cudaStream_t stream);
 
-// Bytes of fp32 scratch attention_backward needs (Delta and, where used, dq accumulators).
+// Bytes of fp32 scratch attention_backward needs (Delta: Z * Hq * L floats).
 size_t attention_backward_workspace_bytes(const AttentionArgs& args);
 
 // dq, dk, dv with the strides of q, k, v's shapes given (dq_strides etc.); workspace as

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cp_async.cuh"
 #include "dtype.cuh"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
@@ -32,26 +33,7 @@ namespace pykernels {
 namespace cuda {
 namespace {
 
-using namespace detail;  // Elem, ceil_div, aligned16, Tag, valid_dtype, dispatch_dtype
-
-// ---------------------------------------------------------------------------------------
-// cp.async (sm_80+): 16-byte global -> shared copies that bypass registers. Only the first
-// src_bytes bytes are read; the rest of the 16 are zero-filled, which is how partial and
-// out-of-range chunks become zeros.
-
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
-               "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
+using namespace detail;  // Elem, ceil_div, aligned16, Tag, valid_dtype, dispatch_dtype, cp_async_*
 
 // ---------------------------------------------------------------------------------------
 // GEMM configuration. Block tile 128 x 128, 256 threads (8 warps).

@@ -139,26 +139,19 @@ def _auto_key(device_type, dtype):
     return ("cuda", "float32" if dtype in (torch.float32, torch.float64) else "half")
 
 
-def resolve(backend, device, dtype, missing=()):
+def resolve(backend, device, dtype):
     """The backend that runs a call on tensors of ``device`` and ``dtype``.
 
-    ``missing``: backends that do not have the calling op family yet; "auto" passes them
-    over and asking for one is an error. Raises ValueError for an unknown name,
-    RuntimeError for a backend not available for the device (or missing the family),
-    TypeError for a dtype the backend does not take; each names what is.
+    Raises ValueError for an unknown name, RuntimeError for a backend not available for the
+    device, TypeError for a dtype the backend does not take; each names what is.
     """
     name = _requested(backend)
     device_type = torch.device(device).type
     if name == "auto":
         for candidate in _AUTO_ORDER.get(_auto_key(device_type, dtype), ("torch",)):
-            if (candidate not in missing and _available(candidate, device_type)
-                    and dtype in _DTYPES[(candidate, device_type)]):
+            if _available(candidate, device_type) and dtype in _DTYPES[(candidate, device_type)]:
                 return candidate
         return "torch"
-    if name in missing:
-        others = [b for b in backends(device_type) if b not in missing]
-        raise RuntimeError(f"backend {name!r} has no kernels for this op yet; available: "
-                           f"{', '.join(others)}")
     if not _available(name, device_type):
         hint = ""
         if name == "triton" and device_type == "cpu":

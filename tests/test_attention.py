@@ -22,7 +22,6 @@ import contextlib
 import importlib.util
 import math
 import os
-import re
 
 import pytest
 import torch
@@ -1070,8 +1069,7 @@ ATTN_BAD = {
     "value_dim_300_triton": (ValueError, "backend 'triton' supports head dims up to 256, got "
                                          "300"),
     "backend_unknown": (ValueError, "backend must be one of"),
-    "backend_unavailable": (RuntimeError, "backend 'cuda' (is not available for cpu tensors|"
-                                          "has no kernels for this op yet)"),
+    "backend_unavailable": (RuntimeError, "backend 'cuda' is not available for cpu tensors"),
     "backend_dtype": (TypeError, "backend 'cpu' on cpu supports dtypes float32, float64"),
     "function_torch_backend": (ValueError, "AttentionFunction runs kernel backends"),
 }
@@ -1337,29 +1335,8 @@ def test_multihead_attention_torch_compile_fullgraph():
 
 # ---- GPU (cuda marker: skipped without a CUDA device) ----------------------------------------
 
-def _cuda_attention_kernels():
-    """Whether pykernels._C has CUDA attention kernels (it raises for CUDA tensors until
-    kernels/attention.cu is bound)."""
-    if not (torch.cuda.is_available() and pykernels.has_cuda()):
-        return False
-    x = torch.zeros(1, 1, 16, 16, device="cuda", dtype=torch.float16)
-    try:
-        pykernels.scaled_dot_product_attention(x, x, x, backend="cuda")
-    except RuntimeError as error:  # the op layer or pykernels._C says it has none
-        if re.search("no (CUDA attention )?kernels", str(error)):
-            return False
-        raise
-    return True
-
-
-CUDA_ATTENTION = _cuda_attention_kernels()
-
-
 def attention_gpu_backends():
-    return [pytest.param(b, id=b, marks=pytest.mark.skip(
-        reason="the cuda backend has no attention kernels yet (pykernels._C raises for CUDA "
-               "tensors)") if b == "cuda" and not CUDA_ATTENTION else ())
-        for b in gpu_kernel_backends()]
+    return [pytest.param(b, id=b) for b in gpu_kernel_backends()]
 
 
 GPU_CASES = {
@@ -1379,6 +1356,14 @@ GPU_CASES = {
     "8192-e128-causal": (1, 4, 4, 8192, 8192, 128, 128, dict(is_causal=True)),
     "16384-e128": (1, 2, 2, 16384, 16384, 128, 128, dict()),
     "16384-e64-causal-gqa": (1, 2, 1, 16384, 16384, 64, 64, dict(is_causal=True)),
+    # Lengths and head dims off every tile size: one row and key; 17 queries on 97 keys with
+    # every head-dim bucket (16 and 24 pad to 32, 80 and 48 to 128, 200 to 256).
+    "1-1-e16": (2, 2, 2, 1, 1, 16, 16, dict()),
+    "1-97-e24-causal": (2, 2, 1, 1, 97, 24, 24, dict(is_causal=True)),
+    "17-97-e80x48-float-head-mask": (2, 4, 2, 17, 97, 80, 48, dict(attn_mask="float_head")),
+    "97-17-e200x256-window-softcap": (1, 2, 2, 97, 17, 200, 256, dict(window=(3, 5),
+                                                                        softcap=5.0)),
+    "17-97-e256x40-key-padding": (2, 2, 2, 17, 97, 256, 40, dict(attn_mask="key_padding")),
 }
 SLOW_GPU = {"8192-e128-causal", "16384-e128", "16384-e64-causal-gqa"}
 
@@ -1412,6 +1397,15 @@ def gpu_rule_case(backend, name, dtype, seed=0):
     pytest.param(n, marks=pytest.mark.slow) if n in SLOW_GPU else n for n in GPU_CASES])
 def test_gpu_low_precision_rule(backend, dtype, name):
     gpu_rule_case(backend, name, dtype)
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", attention_gpu_backends())
+@pytest.mark.parametrize("name", [n for n in GPU_CASES if n not in SLOW_GPU])
+def test_gpu_float32_rule(backend, name):
+    """float32 (cuda: the exact-FMA SIMT path, no TF32) under the same rule."""
+    gpu_rule_case(backend, name, torch.float32)
     torch.cuda.empty_cache()
 
 
@@ -1464,6 +1458,42 @@ def test_gpu_dropout_same_mask_as_cpu(backend):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", attention_gpu_backends())
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(is_causal=True, enable_gqa=True, softcap=3.0),
+    dict(attn_mask="bool_head", window=(20, 3), enable_gqa=True),
+], ids=["plain", "causal-gqa-softcap", "mask-window-gqa"])
+def test_gpu_dropout_matches_cpu_backend(backend, options):
+    """float32 with dropout: the GPU backend's output and gradients equal the cpu backend's
+    for the same seed (one Philox keep mask, drawn on the device and on the host)."""
+    Z, H, L, S, p, seed = 2, 4, 97, 130, 0.25, 45
+    hkv = H // 2 if options.get("enable_gqa") else H
+    q, k, v = make_qkv((Z, H), (Z, hkv), L, S, 40, 24, dtype=torch.float32, seed=seed)
+    grad_out = random_like((Z, H, L, 24), seed=seed)
+    if isinstance(options.get("attn_mask"), str):
+        options = dict(options, attn_mask=make_mask(options["attn_mask"], (Z, H), L, S,
+                                                    seed=seed))
+
+    def run(name, device):
+        opts = {k: (o.to(device) if isinstance(o, torch.Tensor) else o)
+                for k, o in options.items()}
+
+        def fn(q, k, v):
+            torch.manual_seed(seed)
+            return pykernels.scaled_dot_product_attention(q, k, v, dropout_p=p, backend=name,
+                                                          **opts)
+
+        return out_and_grads(fn, q.to(device), k.to(device), v.to(device),
+                             grad_out.to(device))
+
+    ours = run(backend, "cuda")
+    cpu = run("cpu", "cpu")
+    for name, a, e in zip(NAMES, ours, cpu, strict=True):
+        torch.testing.assert_close(a.cpu(), e, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", attention_gpu_backends())
 def test_gpu_deterministic_backward(backend):
     q, k, v = make_qkv((2, 8), (2, 2), 1025, 1025, 128, 128, dtype=torch.bfloat16,
                        device="cuda", seed=42)
@@ -1501,8 +1531,8 @@ def test_gpu_opcheck_and_compile(backend):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_gpu_default_backend(dtype):
-    """'auto' passes over backends without attention kernels (it once picked 'cuda' for the
-    half types, whose pykernels._C raised for CUDA tensors)."""
+    """'auto' on CUDA tensors ('cuda' for the half types, 'torch' for float32) runs and meets
+    the rule."""
     q, k, v = make_qkv((2, 4), (2, 4), 65, 65, 64, 64, dtype=dtype, device="cuda", seed=44)
     out = pykernels.scaled_dot_product_attention(q, k, v, is_causal=True)
     plain = reference.scaled_dot_product_attention(q, k, v, is_causal=True)

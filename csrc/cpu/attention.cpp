@@ -21,6 +21,8 @@
 #include <limits>
 #include <vector>
 
+#include "philox.h"
+
 namespace pykernels {
 namespace cpu {
 namespace {
@@ -28,30 +30,13 @@ namespace {
 constexpr int64_t kBlockQ = 256;  // query rows per tile
 constexpr int64_t kBlockK = 256;  // keys per tile
 
-// ---- dropout: Philox-4x32-10 (Salmon et al., SC'11), one draw per score element ----------
+// ---- dropout: the keep mask of kernels/philox.h, one draw per score element --------------
 
 struct Philox {
   uint64_t seed, offset;
+  uint32_t threshold;  // dropout_threshold(p)
 
-  // The first 32-bit output for counter (element, offset), key seed, as a uniform in [0, 1).
-  double uniform(uint64_t element) const {
-    uint32_t c0 = static_cast<uint32_t>(element), c1 = static_cast<uint32_t>(element >> 32);
-    uint32_t c2 = static_cast<uint32_t>(offset), c3 = static_cast<uint32_t>(offset >> 32);
-    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-    for (int round = 0; round < 10; ++round) {
-      const uint64_t p0 = uint64_t{0xD2511F53u} * c0;
-      const uint64_t p1 = uint64_t{0xCD9E8D57u} * c2;
-      const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
-      const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
-      c1 = static_cast<uint32_t>(p1);
-      c3 = static_cast<uint32_t>(p0);
-      c0 = n0;
-      c2 = n2;
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
-    }
-    return static_cast<double>(c0 >> 8) * (1.0 / 16777216.0);  // 24 random bits
-  }
+  bool keep(uint64_t element) const { return dropout_keep(seed, offset, element, threshold); }
 };
 
 // Everything a tile needs to turn raw dot products into scores.
@@ -93,14 +78,15 @@ struct Scores {
   T keep(int64_t z, int64_t h, int64_t i, int64_t j) const {
     if (!(p.dropout_p > 0)) return T(1);
     const uint64_t e = ((static_cast<uint64_t>(z) * Hq + h) * L + i) * S + j;
-    return rng.uniform(e) >= p.dropout_p ? static_cast<T>(1.0 / (1.0 - p.dropout_p)) : T(0);
+    return rng.keep(e) ? static_cast<T>(1.0 / (1.0 - p.dropout_p)) : T(0);
   }
 };
 
 template <typename T>
 Scores<T> make_scores(const AttentionParams& p, const at::Tensor& q, int64_t S,
                       const std::optional<at::Tensor>& mask) {
-  Scores<T> sc{p, q.size(1), q.size(2), S, nullptr, {0, 0, 0, 0}, {p.seed, p.offset}};
+  const Philox rng{p.seed, p.offset, dropout_threshold(p.dropout_p)};
+  Scores<T> sc{p, q.size(1), q.size(2), S, nullptr, {0, 0, 0, 0}, rng};
   if (mask.has_value()) {
     sc.mask = mask->const_data_ptr<T>();
     for (int d = 0; d < 4; ++d) sc.ms[d] = mask->stride(d);
@@ -269,25 +255,6 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   }
 }
 
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const std::optional<at::Tensor>& mask) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "pykernels: q, k, v must be 4-D");
-  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && k.size(1) == v.size(1) &&
-                  k.size(2) == v.size(2) && k.size(3) == q.size(3) && k.size(1) > 0 &&
-                  q.size(1) % k.size(1) == 0,
-              "pykernels: attention shapes do not match: q ", q.sizes(), ", k ", k.sizes(),
-              ", v ", v.sizes());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "pykernels: q, k, v must share a dtype");
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->dim() == 4 && mask->size(0) == q.size(0) && mask->size(1) == q.size(1) &&
-                    mask->size(2) == q.size(2) && mask->size(3) == k.size(2) &&
-                    mask->scalar_type() == q.scalar_type(),
-                "pykernels: mask must be a (Z, Hq, L, S) view in q's dtype, got ",
-                mask->sizes(), " ", mask->scalar_type());
-  }
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_arg,
@@ -295,7 +262,6 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_arg,
                                                      const at::Tensor& v_arg,
                                                      const std::optional<at::Tensor>& mask,
                                                      const AttentionParams& p) {
-  check_inputs(q_arg, k_arg, v_arg, mask);
   const at::Tensor q = q_arg.contiguous(), k = k_arg.contiguous(), v = v_arg.contiguous();
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
@@ -309,13 +275,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& dout_arg, const at::Tensor& q_arg, const at::Tensor& k_arg,
     const at::Tensor& v_arg, const at::Tensor& out_arg, const at::Tensor& lse_arg,
     const std::optional<at::Tensor>& mask, const AttentionParams& p) {
-  check_inputs(q_arg, k_arg, v_arg, mask);
   const at::Tensor q = q_arg.contiguous(), k = k_arg.contiguous(), v = v_arg.contiguous();
   const at::Tensor dout = dout_arg.contiguous(), out = out_arg.contiguous();
   const at::Tensor lse = lse_arg.contiguous();
-  TORCH_CHECK(dout.sizes() == out.sizes() && out.size(3) == v.size(3) &&
-                  lse.numel() == q.size(0) * q.size(1) * q.size(2),
-              "pykernels: attention_backward: dout/out/lse do not match q and v");
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pykernels_attention_backward_cpu", [&] {
     backward_impl<scalar_t>(dout, q, k, v, out, lse,

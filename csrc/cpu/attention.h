@@ -20,7 +20,8 @@ struct AttentionParams {
 };
 
 // q (Z, Hq, L, E), k (Z, Hkv, S, E), v (Z, Hkv, S, Ev); mask: additive, in q's dtype,
-// viewed as (Z, Hq, L, S) (zero strides broadcast). Returns (out (Z, Hq, L, Ev), lse
+// viewed as (Z, Hq, L, S) (zero strides broadcast). Shapes, dtypes and devices are checked by
+// the binding (csrc/attention.cpp). Returns (out (Z, Hq, L, Ev), lse
 // (Z, Hq, L)), both contiguous in q's dtype; lse is +inf on fully masked rows.
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k,
                                                      const at::Tensor& v,

@@ -1,6 +1,6 @@
 """Fused scaled dot-product attention (flash-style), forward and backward.
 
-The kernels (cpu in pykernels._C, triton in pykernels.triton.attention; math in
+The kernels (cpu and cuda in pykernels._C, triton in pykernels.triton.attention; math in
 kernels/attention.h) take q (Z, Hq, L, E), k (Z, Hkv, S, E), v (Z, Hkv, S, Ev), an optional
 additive mask viewed as (Z, Hq, L, S) with zero strides where it broadcasts, and return the
 output plus one logsumexp per query row; the backward recomputes the scores tile by tile.
@@ -26,18 +26,16 @@ from torch import Tensor
 from .. import reference
 from ..backends import backends, extension, resolve
 
-# Head dims each kernel backend takes (the 'torch' backend takes any).
-_MAX_HEAD_DIM = {"cpu": None, "triton": 256}
-# Backends without attention kernels yet: kernels/attention.h is specified, attention.cu
-# is not written, so pykernels._C raises for CUDA tensors.
-_MISSING = ("cuda",)
+# Head dims each kernel backend takes (the 'torch' backend takes any): E and Ev up to 256 on
+# cuda (kernels/attention.cu instantiates head-dim buckets 32, 64, 128, 256) and triton.
+_MAX_HEAD_DIM = {"cpu": None, "cuda": 256, "triton": 256}
 _deterministic = []  # use_deterministic's settings, innermost last
 
 
 @contextlib.contextmanager
 def use_deterministic(enabled=True):
-    """Inside the block, attention backwards are bitwise reproducible run to run (the cpu
-    and triton backends always are: no atomics)."""
+    """Inside the block, attention backwards are bitwise reproducible run to run (the cpu,
+    cuda and triton backends always are: no atomics)."""
     _deterministic.append(bool(enabled))
     try:
         yield
@@ -116,7 +114,8 @@ def attention_backward(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     _, backward = _kernels(backend)
-    # The cpu and triton backwards are deterministic by construction (no atomics).
+    # Every backend's backward is deterministic by construction (no atomics), so
+    # `deterministic` selects nothing; it stays in the op's schema for a faster, atomic path.
     dq, dk, dv = backward(grad_out, q, k, v, out, lse, mask, scale, causal, window_left,
                           window_right, softcap, dropout_p, *_seed_offset(rng))
     return dq, dk, dv
@@ -327,7 +326,7 @@ def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
     hq, hk = _check_shapes(query, key, value, enable_gqa)
     scale, left, right, cap = _check_options(query, key, attn_mask, dropout_p, is_causal,
                                              scale, window, softcap)
-    name = resolve(backend, query.device, query.dtype, missing=_MISSING)
+    name = resolve(backend, query.device, query.dtype)
     shape = query.shape[:-1] + value.shape[-1:]
     if name == "torch":
         return None, name, shape
