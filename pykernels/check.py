@@ -7,6 +7,7 @@ import torch
 from . import reference
 from .activations import ACTIVATIONS
 from .backends import backends, supports
+from .ops import attention
 from .ops.cross_entropy import cross_entropy, linear_cross_entropy
 from .ops.linear_act import linear_act
 from .testing import within_low_precision_rule
@@ -15,6 +16,15 @@ from .testing import within_low_precision_rule
 _CE_OPTIONS = {
     "plain": {},
     "ls+z+cap": {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 30.0},
+}
+
+
+# attention variants: causal self-attention, then a boolean mask with grouped-query heads,
+# a sliding window and a softcap at once (q, k, v shapes differ: GQA and cross-attention).
+_ATTENTION_OPTIONS = {
+    "causal": ({"is_causal": True}, (2, 3, 37, 16), (2, 3, 37, 16)),
+    "mask+gqa+win+cap": ({"enable_gqa": True, "window": (20, 5), "softcap": 20.0},
+                         (2, 4, 37, 16), (2, 2, 45, 16)),
 }
 
 
@@ -70,17 +80,31 @@ def _cases(backend, device, generator):
                lambda x, w, b, t, o=options: reference.linear_cross_entropy(
                    x, w, t, b, **o),
                [make(37, 96), make(1025, 96, scale=0.3), make(1025), targets(37, 1025)], one)
+    for variant, (options, q_shape, kv_shape) in _ATTENTION_OPTIONS.items():
+        mask = None
+        if "window" in options:  # True: may attend; a few fully masked rows must give 0
+            mask = torch.rand(q_shape[2], kv_shape[2], generator=generator) > 0.3
+            mask[::11] = False
+            mask = mask.to(device)
+        yield ("attention", variant,
+               lambda q, k, v, o=options, m=mask: attention.scaled_dot_product_attention(
+                   q, k, v, m, backend=backend, **o),
+               lambda q, k, v, o=options, m=mask: reference.scaled_dot_product_attention(
+                   q, k, v, m, **o),
+               [make(*q_shape), make(*kv_shape), make(*kv_shape)], make(*q_shape))
 
 
 def run_checks(out=print):
-    """Print one line per (op, backend, device, dtype, variant); True if all pass."""
+    """Check every (op, backend, device, dtype, variant), printing one line each; return
+    the results as dicts with ``max_err``, ``tolerance`` and ``result`` ("pass" or
+    "FAIL")."""
     # Triton's interpreter evaluates masked-off lanes too, and numpy warns about their
     # log(0) and inf - inf; the kernels never use those lanes.
     warnings.filterwarnings("ignore", category=RuntimeWarning,
                             module="triton.runtime.interpreter")
     generator = torch.Generator().manual_seed(0)
-    all_ok = True
-    out(f"{'op':20s} {'backend':8s} {'device':6s} {'dtype':9s} {'variant':11s} "
+    results = []
+    out(f"{'op':20s} {'backend':8s} {'device':6s} {'dtype':9s} {'variant':16s} "
         f"{'max err':>10s} {'tolerance':>10s}  result")
     for device in _devices():
         for backend in backends(device):
@@ -90,8 +114,14 @@ def run_checks(out=print):
                 for op, variant, fused, plain, inputs, grad_out in _cases(backend, device,
                                                                          generator):
                     ok, err, tol = _compare(fused, plain, inputs, grad_out, dtype)
-                    all_ok &= ok
-                    out(f"{op:20s} {backend:8s} {device:6s} "
-                        f"{str(dtype).replace('torch.', ''):9s} {variant:11s} "
-                        f"{err:10.2e} {tol:10.2e}  {'pass' if ok else 'FAIL'}")
-    return all_ok
+                    row = {"op": op, "backend": backend, "device": device,
+                           "dtype": str(dtype).replace("torch.", ""), "variant": variant,
+                           "max_err": err, "tolerance": tol, "result": "pass" if ok else "FAIL"}
+                    results.append(row)
+                    out(f"{op:20s} {backend:8s} {device:6s} {row['dtype']:9s} {variant:16s} "
+                        f"{err:10.2e} {tol:10.2e}  {row['result']}")
+    return results
+
+
+def all_passed(results):
+    return all(r["result"] == "pass" for r in results)

@@ -13,8 +13,11 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 
 missing=()
+# module:requirement; scikit-learn (its bundled digits) and matplotlib (report.png) serve
+# the demo.
 for spec in ninja:ninja pybind11:pybind11 pytest:pytest numpy:numpy triton:"triton>=3.2" \
-            setuptools:"setuptools>=64" wheel:wheel; do
+            setuptools:"setuptools>=64" wheel:wheel sklearn:scikit-learn \
+            matplotlib:matplotlib; do
   "$PY" -c "import ${spec%%:*}" 2>/dev/null || missing+=("${spec#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
