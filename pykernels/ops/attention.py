@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import backends, extension, resolve
+from .autocast import autocast_operands
 
 # Head dims each kernel backend takes (the 'torch' backend takes any): E and Ev up to 256 on
 # cuda (kernels/attention.cu instantiates head-dim buckets 32, 64, 128, 256) and triton.
@@ -353,6 +354,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     Dropout draws a fresh mask per call from torch's default generator (reproducible under
     torch.manual_seed); the backward reuses the forward's mask.
     """
+    query, key, value, attn_mask = autocast_operands(query, key, value, attn_mask)
     inputs, name, shape = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                    enable_gqa, window, softcap, backend)
     if name == "torch":

@@ -46,6 +46,7 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import extension, resolve
+from .autocast import autocast_operands
 
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 _NONE, _MEAN, _SUM = 0, 1, 2
@@ -644,6 +645,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     plus z_loss, softcap (see :func:`cross_entropy`), chunk_size and backend. input is
     (N, in_features) or (in_features,); target int64 (N,) / () or probabilities (N, C) / (C,).
     """
+    input, linear_weight, linear_bias = autocast_operands(input, linear_weight, linear_bias)
     options = _check_lce_args(input, linear_weight, target, linear_bias, weight, ignore_index,
                               reduction, label_smoothing, z_loss, softcap, chunk_size)
     name = resolve(backend, input.device, input.dtype)

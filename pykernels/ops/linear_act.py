@@ -25,6 +25,7 @@ from torch import Tensor
 from .. import reference
 from ..activations import activation_id, grad_from_output
 from ..backends import extension, resolve
+from .autocast import autocast_operands
 
 _EMPTY_SHAPE = (0,)
 
@@ -213,6 +214,7 @@ def linear_act(input, weight, bias=None, activation="none", *, negative_slope=0.
         negative_slope: leaky_relu's slope.
         backend: cpu, cuda, triton, torch or auto (see pykernels.backends).
     """
+    input, weight, bias = autocast_operands(input, weight, bias)
     _check_args(input, weight, bias, activation, negative_slope)
     name = resolve(backend, input.device, input.dtype)
     if name == "torch":
