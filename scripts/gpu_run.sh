@@ -2,8 +2,9 @@
 # Build, test and benchmark pykernels on the lent GPU machine, all in one device call
 # (DESIGN.md section 5). Invoked from the repo root through the device tool:
 #     run(command="bash scripts/gpu_run.sh [FAMILY ...]", timeout_s=600)
-# FAMILY: the benchmarks to run (default: linear_act cross_entropy attention); one call may
-# not fit them all with the tests, so a session can split them over calls.
+# FAMILY: the benchmarks to run (default: linear_act cross_entropy attention; also e2e, and
+# demo for `python -m pykernels demo`, whose report lands in results.tar under demo/); one
+# call may not fit them all with the tests, so a session can split them over calls.
 # The machine has torch, triton and nvcc but no network: nothing is installed from an
 # index here (never torch). Everything comes back through $OUT, which returns at most
 # 8 files, 2 folders deep: build.log, pytest.log, bench.log, and results.tar holding every
@@ -58,8 +59,9 @@ families=("$@")
 for i in "${!families[@]}"; do
   after=$(( ${#families[@]} - i - 1 ))  # each family gets an equal share of what is left
   share=$(( (DEADLINE - SECONDS) / (after + 1) ))
-  timeout --kill-after=20 "$(left $(( (DEADLINE - SECONDS) - share )))" \
-    python3 -m "bench.bench_${families[$i]}" --out "$BENCH_DIR" 2>&1 \
+  cmd=(python3 -m "bench.bench_${families[$i]}" --out "$BENCH_DIR")
+  [ "${families[$i]}" = demo ] && cmd=(python3 -m pykernels demo --out "$BENCH_DIR/demo")
+  timeout --kill-after=20 "$(left $(( (DEADLINE - SECONDS) - share )))" "${cmd[@]}" 2>&1 \
     | tee -a "$OUT/bench.log" || bench_rc=$?
 done
 (cd "$BENCH_DIR" && tar cf "$OUT/results.tar" .) || true
