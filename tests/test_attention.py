@@ -579,6 +579,20 @@ def test_fully_masked_rows_give_zero_and_zero_gradient(backend, dtype):
             assert_all_close(ours, out_and_grads(expected_fn(opts), q, k, v, grad_out), what)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_nan_input_makes_nan_rows_like_torch(dtype):
+    """A NaN in a query row makes that row's output NaN, as in F.scaled_dot_product_attention,
+    not a silently 'fully masked' zero row (its scores' max is NaN, never -inf)."""
+    q, k, v = make_qkv((1, 2), (1, 2), 20, 24, 8, 8, dtype=dtype, seed=16)
+    q = q.detach().clone()
+    q[0, 1, 3, 2] = float("nan")
+    for opts in ({}, {"is_causal": True}):
+        ours = pykernels.scaled_dot_product_attention(q, k, v, backend="cpu", **opts)
+        plain = torch_sdpa(q, k, v, **opts)
+        assert torch.equal(ours.isnan(), plain.isnan()), opts
+        assert ours.isnan().any()
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_every_row_masked(backend):
     q, k, v = make_qkv((2, 2), (2, 2), 9, 6, 4, 4, seed=15)

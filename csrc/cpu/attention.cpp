@@ -272,9 +272,9 @@ void gemm(at::Tensor c, const at::Tensor& a, const at::Tensor& b, bool accumulat
 }
 
 // Per-thread scratch: score tiles and one row of keep factors, allocated once per chunk of
-// work, never per tile. From ATen's allocator (64-byte aligned) rather than std::vector:
-// MKL's results depend on the alignment of the tiles it reads, and a malloc'ed buffer's
-// varies with the chunking, i.e. with the thread count.
+// work, never per tile. From ATen's allocator, so 64-byte aligned whatever the chunking:
+// MKL promises reproducible results only for aligned buffers, and the results must not
+// depend on the thread count.
 template <typename T>
 struct Scratch {
   at::Tensor storage;
@@ -335,7 +335,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           T* srow = s + (i - r0) * cols;
           const auto [a, b] = row_columns(sc, i, j0, cols);
           T& mi = m[i - i0];
-          const T m_new = b > a ? std::max(mi, ops.scores_max(srow + a, b - a, sc.row(z, h, i, j0 + a))) : mi;
+          const T mx = ops.scores_max(srow + a, b - a, sc.row(z, h, i, j0 + a));
+          const T m_new = (mx > mi || std::isnan(mx)) ? mx : mi;  // NaN scores: a NaN row
           if (m_new == kNegInf) {  // nothing allowed yet: this tile adds nothing
             std::fill(srow, srow + cols, T(0));
             continue;
@@ -355,7 +356,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       }
       for (int64_t i = i0; i < i1; ++i) {
         const T li = l[i - i0];
-        const bool empty = !(li > 0);  // fully masked row: 0 out, +inf lse
+        const bool empty = li == T(0);  // fully masked row: 0 out, +inf lse (NaN stays NaN)
         for (T *o = oh + i * Ev, *o_end = o + Ev; o < o_end; ++o) *o = empty ? T(0) : *o / li;
         lse_p[zh * L + i] = empty ? std::numeric_limits<T>::infinity() : m[i - i0] + std::log(li);
       }

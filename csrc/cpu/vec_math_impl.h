@@ -65,6 +65,19 @@ inline void for_vectors(int64_t C, Body body) {
   if (c_vec < C) body(c_vec, C - c_vec);
 }
 
+// for_vectors with two vectors per step, body(c, count, chain) alternating chain 0 and 1:
+// a reduction kept in two accumulators, one per chain, runs two independent dependency
+// chains (one chain of vmaxps made the attention row max latency-bound, perf annotate).
+template <typename Body>
+inline void for_vector_pairs(int64_t C, Body body) {
+  const int64_t c_pair = C - C % (2 * kLanes);
+  for (int64_t c = 0; c < c_pair; c += 2 * kLanes) {
+    body(c, kLanes, 0);
+    body(c + kLanes, kLanes, 1);
+  }
+  for_vectors(C - c_pair, [&](int64_t c, int64_t count) { body(c_pair + c, count, 0); });
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace pykernels
