@@ -104,11 +104,14 @@ def targets(rows, machine):
         return out
 
     if not machine.is_cuda:
-        cpu = {f"{r['shape']} {r['mode']}": r for r in rows
-               if r["backend"] == "cpu" and r["mode"] == "fwd+bwd"
-               and r["shape"] == "4x8x512x64"}
+        def cpu(shape):
+            return {f"{r['shape']} {r['mode']}": r for r in rows
+                    if r["backend"] == "cpu" and r["mode"] == "fwd+bwd" and r["shape"] == shape}
+
         return [("cpu backend fwd+bwd >= F.scaled_dot_product_attention at B=4 H=8 L=512 "
-                 "E=64 fp32 (x sdpa)", vs_sdpa(cpu), 1.0)]
+                 "E=64 fp32 (x sdpa)", vs_sdpa(cpu("4x8x512x64")), 1.0),
+                ("cpu backend fwd+bwd >= F.scaled_dot_product_attention at B=4 H=8 L=512 "
+                 "E=64 fp32, causal (x sdpa)", vs_sdpa(cpu("4x8x512x64c")), 1.0)]
 
     def long_e128(shape):
         _, _, length, e = shape.rstrip("c").split("x")

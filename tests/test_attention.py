@@ -578,6 +578,20 @@ def test_fully_masked_rows_give_zero_and_zero_gradient(backend, dtype):
             assert_all_close(ours, out_and_grads(expected_fn(opts), q, k, v, grad_out), what)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_nan_input_makes_nan_rows_like_torch(dtype):
+    """A NaN in a query row makes that row's output NaN, as in F.scaled_dot_product_attention,
+    not a silently 'fully masked' zero row (its scores' max is NaN, never -inf)."""
+    q, k, v = make_qkv((1, 2), (1, 2), 20, 24, 8, 8, dtype=dtype, seed=16)
+    q = q.detach().clone()
+    q[0, 1, 3, 2] = float("nan")
+    for opts in ({}, {"is_causal": True}):
+        ours = pykernels.scaled_dot_product_attention(q, k, v, backend="cpu", **opts)
+        plain = torch_sdpa(q, k, v, **opts)
+        assert torch.equal(ours.isnan(), plain.isnan()), opts
+        assert ours.isnan().any()
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_every_row_masked(backend):
     q, k, v = make_qkv((2, 2), (2, 2), 9, 6, 4, 4, seed=15)
@@ -884,21 +898,23 @@ def test_use_deterministic_bitwise_identical_backwards(backend):
 
 def test_cpu_results_do_not_depend_on_the_thread_count():
     """csrc/cpu/attention.cpp sums in a fixed order: one thread and several give the same
-    bits (the GEMMs are blocked over (z, head), not split over the reduction)."""
+    bits. Z * Hkv = 4 units of work: one thread runs the one-sweep backward, 8 threads (more
+    than 4 / 2) the two-sweep one, which must walk the same tiles in the same order."""
     q, k, v = make_qkv((2, 4), (2, 2), 300, 270, 32, 16, dtype=torch.float32, seed=30)
     grad_out = random_like((2, 4, 300, 16), seed=30)
     opts = dict(enable_gqa=True, window=(100, 20), dropout_p=0.2)
     threads = torch.get_num_threads()
     runs = []
     try:
-        for n in (1, max(2, threads)):
+        for n in (1, max(2, threads), 8):
             torch.set_num_threads(n)
             torch.manual_seed(31)
             runs.append(out_and_grads(ours_fn("cpu", opts), q, k, v, grad_out))
     finally:
         torch.set_num_threads(threads)
-    for name, a, b in zip(NAMES, *runs, strict=True):
-        assert torch.equal(a, b), name
+    for other in runs[1:]:
+        for name, a, b in zip(NAMES, runs[0], other, strict=True):
+            assert torch.equal(a, b), name
 
 
 # ---- registration: opcheck, torch.compile ------------------------------------------------------
@@ -1501,8 +1517,9 @@ def test_gpu_deterministic_backward(backend):
     with pykernels.use_deterministic():
         runs = [out_and_grads(ours_fn(backend, dict(is_causal=True, enable_gqa=True)), q, k, v,
                               grad_out) for _ in range(2)]
-    for name, a, b in zip(NAMES, *runs, strict=True):
-        assert torch.equal(a, b), name
+    for other in runs[1:]:
+        for name, a, b in zip(NAMES, runs[0], other, strict=True):
+            assert torch.equal(a, b), name
 
 
 @pytest.mark.cuda

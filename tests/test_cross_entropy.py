@@ -620,6 +620,21 @@ def test_torch_backend_differentiates_probability_targets():
 
 # ---- linear_cross_entropy ---------------------------------------------------------------
 
+@pytest.mark.parametrize(("shape", "gpu", "cpu"), [
+    # (rows, in_features, num_classes): the logits block as large as the input, >= 64 rows;
+    # on the CPU >= 2^30 multiply-adds per GEMM unless that passes 2^24 logits
+    ((2048, 256, 8192), 64, 512),
+    ((2048, 16, 8192), 64, 2048),  # the CPU floor (8192 rows) capped by the rows
+    ((8192, 16, 8192), 64, 2048),  # ... and by the 2^24-logit cap
+    ((16384, 4096, 1024), 16384, 16384),  # the input-sized block is the whole input
+    ((2048, 256, 128000), 64, 64),  # 64 rows already make long GEMMs
+    ((5, 0, 3), 5, 5),
+])
+def test_linear_cross_entropy_default_chunk_size(shape, gpu, cpu):
+    assert ce_ops.default_chunk_size(*shape) == gpu
+    assert ce_ops.default_chunk_size(*shape, "cpu") == cpu
+
+
 LCE_CASES = {
     # rows (None: a 1-D input), target kind, bias, class weight, ignored rows, smoothing, chunk
     "default_chunk": dict(rows=37, bias=True),

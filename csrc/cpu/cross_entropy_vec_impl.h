@@ -11,20 +11,6 @@ namespace pykernels {
 namespace cpu {
 namespace {
 
-// The capped logits s of a vector of x, and (when wanted) ds/dx = 1 - (s / softcap)^2.
-struct CeVecCap {
-  bool on;
-  Vec cap, inv_cap;
-  explicit CeVecCap(float softcap)
-      : on(softcap > 0.0f), cap(softcap), inv_cap(on ? 1.0f / softcap : 0.0f) {}
-  Vec s(Vec x) const { return on ? cap * VecMath::tanh(x * inv_cap) : x; }
-  Vec ds(Vec s) const {
-    if (!on) return Vec(1.0f);
-    const Vec r = s * inv_cap;
-    return Vec(1.0f) - r * r;
-  }
-};
-
 // u_c of the lanes [c, c + count) (count < kLanes: a masked tail; lanes past it are 0).
 inline Vec ce_u(const CeRowVec& row, int64_t c, int64_t count) {
   Vec u(row.gamma);
@@ -33,41 +19,23 @@ inline Vec ce_u(const CeRowVec& row, int64_t c, int64_t count) {
   return count == kLanes ? u : Vec::set(Vec(0.0f), u, count);
 }
 
-// The lanes of v folded with op, in lane order.
-template <typename Op>
-inline float ce_fold(Vec v, Op op) {
-  alignas(64) float lanes[kLanes];
-  v.store(lanes);
-  float r = lanes[0];
-  for (int64_t j = 1; j < kLanes; ++j) r = op(r, lanes[j]);
-  return r;
-}
-
-// Calls body(c, count) for each vector of the row: full vectors, then one masked tail.
-template <typename Body>
-inline void ce_for_vectors(int64_t C, Body body) {
-  const int64_t c_vec = C - C % kLanes;
-  for (int64_t c = 0; c < c_vec; c += kLanes) body(c, kLanes);
-  if (c_vec < C) body(c_vec, C - c_vec);
-}
-
 }  // namespace
 
 float PYKERNELS_VEC_CE(ce_row_max_x)(const CeRowVec& row) {
   Vec m(-std::numeric_limits<float>::infinity());
-  ce_for_vectors(row.C, [&](int64_t c, int64_t count) {
+  for_vectors(row.C, [&](int64_t c, int64_t count) {
     Vec x = Vec::loadu(row.x + c, count);
     if (count < kLanes) x = Vec::set(m, x, count);  // the tail's dead lanes keep m
     m = at::vec::maximum(m, x);                        // propagates NaN
   });
-  return ce_fold(m, [](float a, float b) { return (b > a || std::isnan(b)) ? b : a; });
+  return fold_lanes(m, [](float a, float b) { return (b > a || std::isnan(b)) ? b : a; });
 }
 
 void PYKERNELS_VEC_CE(ce_row_sums)(const CeRowVec& row, float m, float sums[3]) {
-  const CeVecCap cap(row.softcap);
+  const VecSoftcap cap(row.softcap);
   const Vec vm(m);
   Vec sum_exp(0.0f), sum_u(0.0f), sum_us(0.0f);
-  ce_for_vectors(row.C, [&](int64_t c, int64_t count) {
+  for_vectors(row.C, [&](int64_t c, int64_t count) {
     const Vec d = cap.s(Vec::loadu(row.x + c, count)) - vm;
     Vec e = d.exp();
     if (count < kLanes) e = Vec::set(Vec(0.0f), e, count);
@@ -81,15 +49,15 @@ void PYKERNELS_VEC_CE(ce_row_sums)(const CeRowVec& row, float m, float sums[3]) 
     }
   });
   auto add = [](float a, float b) { return a + b; };
-  sums[0] = ce_fold(sum_exp, add);
-  sums[1] = ce_fold(sum_u, add);
-  sums[2] = ce_fold(sum_us, add);
+  sums[0] = fold_lanes(sum_exp, add);
+  sums[1] = fold_lanes(sum_u, add);
+  sums[2] = fold_lanes(sum_us, add);
 }
 
 void PYKERNELS_VEC_CE(ce_row_grad)(const CeRowVec& row, float* g, float lse, float a, float k) {
-  const CeVecCap cap(row.softcap);
+  const VecSoftcap cap(row.softcap);
   const Vec vlse(lse), va(a), vk(k);
-  ce_for_vectors(row.C, [&](int64_t c, int64_t count) {
+  for_vectors(row.C, [&](int64_t c, int64_t count) {
     const Vec s = cap.s(Vec::loadu(row.x + c, count));
     Vec d = (s - vlse).exp() * va;
     if (row.want_u) d = d - ce_u(row, c, count);

@@ -23,7 +23,8 @@
 //     kernels/activation.h templates are made (tails use masked loads, not the scalar
 //     instantiations linear_act.cpp makes).
 // `nm -C --defined-only` on either object lists exactly its entry points (those of
-// linear_act_simd.h and cross_entropy_simd.h) as global symbols, nothing weak.
+// linear_act_simd.h, cross_entropy_simd.h and attention_simd.h) as global symbols, nothing
+// weak.
 
 #include "cpu/linear_act_simd.h"
 #include "cpu/vec_math_impl.h"

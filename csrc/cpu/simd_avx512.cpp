@@ -1,10 +1,10 @@
-// The AVX-512 unit of the CPU kernels: linear_act_vec_impl.h and cross_entropy_vec_impl.h
-// compiled with ATen's AVX-512 Vectorized<float> (CPU_CAPABILITY=AVX512, Sleef's 16-lane
-// functions), for the CPUs where torch's own kernels run AVX-512 (its vector exp/tanh are
+// The AVX-512 unit of the CPU kernels: linear_act_vec_impl.h, cross_entropy_vec_impl.h and
+// attention_vec_impl.h compiled with ATen's AVX-512 Vectorized<float> (CPU_CAPABILITY=AVX512,
+// Sleef's 16-lane functions), for the CPUs where torch's own kernels run AVX-512 (its vector exp/tanh are
 // ~1.5-2x faster per element than the 8-lane ones even on Zen 4's 256-bit datapath, so
 // eager would otherwise win the transcendental activations). Same ISA flags as torch's
-// AVX512 kernels: avx512f, avx512bw, avx512vl, avx512dq, fma. linear_act.cpp and
-// cross_entropy.cpp call in only where cpu_isa() allows.
+// AVX512 kernels: avx512f, avx512bw, avx512vl, avx512dq, fma. linear_act.cpp,
+// cross_entropy.cpp and attention.cpp call in only where cpu_isa() allows.
 #include "cpu/vec_prelude.h"
 
 #if PYKERNELS_CPU_VEC_LOOPS
@@ -46,6 +46,8 @@
 #include "cpu/linear_act_vec_impl.h"
 #define PYKERNELS_VEC_CE(name) name##_avx512
 #include "cpu/cross_entropy_vec_impl.h"
+#define PYKERNELS_VEC_ATTN(name) name##_avx512
+#include "cpu/attention_vec_impl.h"
 static_assert(pykernels::cpu::kLanes == 16, "expected ATen's AVX-512 Vectorized<float>");
 
 #pragma GCC diagnostic pop

@@ -1,6 +1,7 @@
 // The SIMD math shared by the *_vec_impl.h bodies of one ISA unit (simd_avx2.cpp,
-// simd_avx512.cpp): ATen's Vectorized<float> of that unit's CPU_CAPABILITY and the math
-// policy the kernels/activation.h formulas and the cross-entropy loops evaluate with.
+// simd_avx512.cpp): ATen's Vectorized<float> of that unit's CPU_CAPABILITY, the math
+// policy the kernels/activation.h formulas and the cross-entropy and attention loops
+// evaluate with, and the row helpers (softcap, lane folds, masked tails) those loops share.
 // Read inside the unit after <ATen/cpu/vec/vec.h>; everything is in an anonymous namespace
 // (see "One-definition-rule hygiene" in linear_act_vec_impl.h).
 #pragma once
@@ -30,6 +31,52 @@ struct VecMath {
   static inline Vec if_pos(Vec z, Vec a, Vec b) { return Vec::blendv(b, a, z > Vec(0.0f)); }
   static inline Vec if_nonpos(Vec z, Vec a, Vec b) { return Vec::blendv(b, a, z <= Vec(0.0f)); }
 };
+
+// Softcapping (cross-entropy logits, attention scores): s = softcap * tanh(x / softcap) of a
+// vector of x (x itself when softcap is 0), and ds/dx = 1 - (s / softcap)^2.
+struct VecSoftcap {
+  bool on;
+  Vec cap, inv_cap;
+  explicit VecSoftcap(float softcap)
+      : on(softcap > 0.0f), cap(softcap), inv_cap(on ? 1.0f / softcap : 0.0f) {}
+  Vec s(Vec x) const { return on ? cap * VecMath::tanh(x * inv_cap) : x; }
+  Vec ds(Vec s) const {
+    if (!on) return Vec(1.0f);
+    const Vec r = s * inv_cap;
+    return Vec(1.0f) - r * r;
+  }
+};
+
+// The lanes of v folded with op, in lane order.
+template <typename Op>
+inline float fold_lanes(Vec v, Op op) {
+  alignas(64) float lanes[kLanes];
+  v.store(lanes);
+  float r = lanes[0];
+  for (int64_t j = 1; j < kLanes; ++j) r = op(r, lanes[j]);
+  return r;
+}
+
+// Calls body(c, count) for each vector of the row: full vectors, then one masked tail.
+template <typename Body>
+inline void for_vectors(int64_t C, Body body) {
+  const int64_t c_vec = C - C % kLanes;
+  for (int64_t c = 0; c < c_vec; c += kLanes) body(c, kLanes);
+  if (c_vec < C) body(c_vec, C - c_vec);
+}
+
+// for_vectors with two vectors per step, body(c, count, chain) alternating chain 0 and 1:
+// a reduction kept in two accumulators, one per chain, runs two independent dependency
+// chains (one chain of vmaxps made the attention row max latency-bound, perf annotate).
+template <typename Body>
+inline void for_vector_pairs(int64_t C, Body body) {
+  const int64_t c_pair = C - C % (2 * kLanes);
+  for (int64_t c = 0; c < c_pair; c += 2 * kLanes) {
+    body(c, kLanes, 0);
+    body(c + kLanes, kLanes, 1);
+  }
+  for_vectors(C - c_pair, [&](int64_t c, int64_t count) { body(c_pair + c, count, 0); });
+}
 
 }  // namespace
 }  // namespace cpu

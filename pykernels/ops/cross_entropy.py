@@ -383,10 +383,29 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
 # linear_cross_entropy
 
 
-def default_chunk_size(rows, in_features, num_classes):
+# CPU floor on the rows per chunk. Each chunk runs three ATen GEMMs, each one OpenMP
+# parallel region that ends when its slowest thread does; beside another busy process a
+# preempted thread holds every region up by about a scheduler slice (~10 ms measured, 2
+# threads), so short GEMMs lose their parallel speedup and more: at N=2048, H=256, V=8192,
+# fp32, 2 threads, 64-row chunks (96 regions) took 1.3-1.5 s against 0.5 s in one chunk and
+# 0.65 s eager. GEMMs of at least 2^30 multiply-adds (512 rows there) run tens of ms each, so
+# the slice is small beside them; they are also the fastest on one thread (K = 64 rows makes
+# grad_W += dlogits^T x re-read and re-write all of grad_W for little work). The floor never
+# grows a logits block past 2^24 elements (64 MiB in fp32), so small H keeps memory bounded.
+_CPU_CHUNK_MIN_MACS = 1 << 30
+_CPU_CHUNK_FLOOR_MAX_ELEMENTS = 1 << 24
+
+
+def default_chunk_size(rows, in_features, num_classes, device_type="cuda"):
     """Rows per chunk: the (chunk, V) logits block about as large as the (N, H) input,
-    and at least 64 rows so the GEMMs stay efficient."""
-    return max(1, min(rows, max(64, -(-rows * in_features // max(1, num_classes)))))
+    and at least 64 rows so the GEMMs stay efficient; on the CPU (``device_type="cpu"``)
+    at least enough rows for 2^30 multiply-adds per GEMM, capped at 2^24 logits."""
+    classes = max(1, num_classes)
+    chunk = max(64, -(-rows * in_features // classes))
+    if device_type == "cpu":
+        gemm_rows = -(-_CPU_CHUNK_MIN_MACS // (max(1, in_features) * classes))
+        chunk = max(chunk, min(gemm_rows, _CPU_CHUNK_FLOOR_MAX_ELEMENTS // classes))
+    return max(1, min(rows, chunk))
 
 
 def _lce_chunks(input, linear_weight, target, linear_bias, weight, ignore_index,
@@ -581,7 +600,8 @@ def _lce_rows(input, target, linear_weight, chunk_size):
     rows_target = target.reshape(rows.shape[0], -1) if target.is_floating_point() \
         else target.reshape(-1)
     if chunk_size is None:
-        chunk_size = default_chunk_size(rows.shape[0], rows.shape[1], linear_weight.shape[0])
+        chunk_size = default_chunk_size(rows.shape[0], rows.shape[1], linear_weight.shape[0],
+                                        rows.device.type)
     return rows, rows_target, chunk_size
 
 
