@@ -28,7 +28,11 @@ def build_with_cuda():
 
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++17"]
+    # -fopenmp: at::parallel_for is a header template that only runs in parallel when the
+    # including file is compiled with OpenMP (_OPENMP); without it every csrc/cpu/ loop is
+    # serial. Not linked explicitly: the GOMP symbols resolve to torch's own libgomp, already
+    # loaded as libtorch_cpu's dependency, so there is one OpenMP runtime and thread pool.
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
     include_dirs = [os.path.join(HERE, "kernels"), os.path.join(HERE, "csrc")]
     if not build_with_cuda():
         return CppExtension("pykernels._C", sources, include_dirs=include_dirs,

@@ -219,6 +219,22 @@ __device__ __forceinline__ void load_tile(T* tile, int ld, const T* src, int64_t
   }
 }
 
+// Keys [n0, n0 + kN) of K and V of kv head (z, hk) into the shared stream tiles, once every
+// warp is done with the previous ones; on return they (and any group committed before) are
+// visible to the whole block. The forward and dQ kernels' loops over key tiles begin so.
+template <int kN, int kD, int kThreads, typename T>
+__device__ __forceinline__ void stream_kv_tile(T* k_tile, T* v_tile, int ld, const Problem<T>& p,
+                                               int64_t z, int64_t hk, int64_t n0) {
+  __syncthreads();
+  load_tile<kN, kD, kThreads>(k_tile, ld, p.k.head(z, hk), p.k.s[2], p.k.s[3], n0, p.S, p.E,
+                              p.k.vec);
+  load_tile<kN, kD, kThreads>(v_tile, ld, p.v.head(z, hk), p.v.s[2], p.v.s[3], n0, p.S, p.Ev,
+                              p.v.vec);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+}
+
 // Zeroes one warp's 16 rows (pitch ld) of an fp32 accumulator. Only the owning warp ever
 // touches its rows, so its lanes need no block-wide barrier before using them.
 __device__ __forceinline__ void zero_warp_rows(float* rows, int ld) {
@@ -395,14 +411,7 @@ __global__ void __launch_bounds__(Config<T, kD, Pass::Forward>::kThreads)
   float m_run = -INFINITY, l_run = 0.0f;
   const TileRange keys = key_range(p, m0, min(m0 + Cfg::kRows, p.L) - 1, kN);
   for (int64_t n0 = keys.first; n0 < keys.end; n0 += kN) {
-    __syncthreads();  // every warp is done with the previous K/V tile
-    load_tile<kN, kD, Cfg::kThreads>(k_tile, kL.tile_ld, p.k.head(z, hk), p.k.s[2], p.k.s[3], n0,
-                                     p.S, p.E, p.k.vec);
-    load_tile<kN, kD, Cfg::kThreads>(v_tile, kL.tile_ld, p.v.head(z, hk), p.v.s[2], p.v.s[3], n0,
-                                     p.S, p.Ev, p.v.vec);
-    cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
+    stream_kv_tile<kN, kD, Cfg::kThreads>(k_tile, v_tile, kL.tile_ld, p, z, hk, n0);
     if (row0 >= p.L) continue;  // warp-uniform: only padding rows (still joins the syncs)
 
     warp_mma<T, kN, kD, false>(w_scores, kL.score_ld, w_q, kL.tile_ld, k_tile, kL.tile_ld, false);
@@ -641,14 +650,7 @@ __global__ void __launch_bounds__(Config<T, kD, Pass::Dq>::kThreads)
   cp_async_commit();  // waited for with the first K/V tile, or after the loop
   const TileRange keys = key_range(p, m0, min(m0 + Cfg::kRows, p.L) - 1, kN);
   for (int64_t n0 = keys.first; n0 < keys.end; n0 += kN) {
-    __syncthreads();  // every warp is done with the previous K/V tile
-    load_tile<kN, kD, Cfg::kThreads>(k_tile, kL.tile_ld, p.k.head(z, hk), p.k.s[2], p.k.s[3], n0,
-                                     p.S, p.E, p.k.vec);
-    load_tile<kN, kD, Cfg::kThreads>(v_tile, kL.tile_ld, p.v.head(z, hk), p.v.s[2], p.v.s[3], n0,
-                                     p.S, p.Ev, p.v.vec);
-    cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
+    stream_kv_tile<kN, kD, Cfg::kThreads>(k_tile, v_tile, kL.tile_ld, p, z, hk, n0);
     if (row0 >= p.L) continue;  // warp-uniform: only padding rows (still joins the syncs)
 
     warp_mma<T, kN, kD, false>(w_s, kL.score_ld, q_tile + tile_off, kL.tile_ld, k_tile,

@@ -59,6 +59,19 @@ def pairwise(factors, valid=lambda case: True, strength=2):
     return chosen
 
 
+@pytest.fixture
+def cpu_backend_one_thread():
+    """The cpu backend on one thread, for suites of tiny shapes (models, fuse): on a busy
+    2-core machine a threaded tiny GEMM waits ~10x longer than it computes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pykernels.use_backend("cpu"):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _no_backend_env(monkeypatch):
     """Tests pick backends explicitly; a PYKERNELS_BACKEND from the shell must not leak in."""

@@ -18,16 +18,7 @@ from pykernels.models import reference
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _cpu_backend_one_thread():
-    """The cpu backend, one thread (tiny shapes; see tests/test_models.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pykernels.use_backend("cpu"):
-            yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("cpu_backend_one_thread")
 
 
 def outputs_and_grads(model, *inputs, loss=None):

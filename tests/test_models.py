@@ -17,17 +17,7 @@ from pykernels.models import reference
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _cpu_backend_one_thread():
-    """The cpu backend; one thread, since these shapes are far too small to share out (on a
-    busy 2-core machine a threaded tiny GEMM waits ~10x longer than it computes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pykernels.use_backend("cpu"):
-            yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("cpu_backend_one_thread")
 
 
 def twins(name, *args, seed=0, **kwargs):
