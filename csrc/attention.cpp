@@ -6,6 +6,7 @@
 // kernel with shapes, dtypes or devices that would read out of bounds.
 #include <torch/extension.h>
 
+#include "checks.h"
 #include "cpu/attention.h"
 
 #ifdef PYKERNELS_WITH_CUDA
@@ -29,11 +30,6 @@ cpu::AttentionParams params(double scale, bool causal, int64_t window_left,
           static_cast<uint64_t>(seed), static_cast<uint64_t>(offset)};
 }
 
-void check_on_device_of(const at::Tensor& t, const at::Tensor& q, const char* name) {
-  TORCH_CHECK(t.device() == q.device(), "pykernels: attention ", name, " is on ", t.device(),
-              ", q on ", q.device());
-}
-
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const std::optional<at::Tensor>& mask) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "pykernels: q, k, v must be 4-D");
@@ -42,17 +38,13 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   q.size(1) % k.size(1) == 0,
               "pykernels: attention shapes do not match: q ", q.sizes(), ", k ", k.sizes(),
               ", v ", v.sizes());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "pykernels: q, k, v must share a dtype");
-  check_on_device_of(k, q, "k");
-  check_on_device_of(v, q, "v");
+  check_same(k, q, "k");
+  check_same(v, q, "v");
   if (mask.has_value()) {
     TORCH_CHECK(mask->dim() == 4 && mask->size(0) == q.size(0) && mask->size(1) == q.size(1) &&
-                    mask->size(2) == q.size(2) && mask->size(3) == k.size(2) &&
-                    mask->scalar_type() == q.scalar_type(),
-                "pykernels: mask must be a (Z, Hq, L, S) view in q's dtype, got ",
-                mask->sizes(), " ", mask->scalar_type());
-    check_on_device_of(*mask, q, "mask");
+                    mask->size(2) == q.size(2) && mask->size(3) == k.size(2),
+                "pykernels: mask must be a (Z, Hq, L, S) view, got ", mask->sizes());
+    check_same(*mask, q, "mask (in q's dtype)");
   }
 }
 
@@ -65,11 +57,10 @@ void check_backward_inputs(const at::Tensor& dout, const at::Tensor& q, const at
                   lse.sizes() == q.sizes().slice(0, 3),
               "pykernels: attention_backward: dout ", dout.sizes(), ", out ", out.sizes(),
               " and lse ", lse.sizes(), " do not match q ", q.sizes(), " and v ", v.sizes());
-  TORCH_CHECK(out.scalar_type() == q.scalar_type() && dout.scalar_type() == q.scalar_type(),
-              "pykernels: attention_backward: dout and out must have q's dtype");
-  check_on_device_of(out, q, "out");
-  check_on_device_of(dout, q, "dout");
-  check_on_device_of(lse, q, "lse");
+  check_same(out, q, "out");
+  check_same(dout, q, "dout");
+  TORCH_CHECK(lse.device() == q.device(), "pykernels: lse is on ", lse.device(), ", expected ",
+              q.device());
 }
 
 #ifdef PYKERNELS_WITH_CUDA
