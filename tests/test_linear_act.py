@@ -192,6 +192,68 @@ def test_cpu_bias_gradient_is_reproducible_across_thread_counts():
     assert torch.equal(grads[0], grads[1])
 
 
+# ---- float32 products big enough for the cpu backend's own GEMM (csrc/cpu/gemm.cpp) ---------
+# On AVX-512 CPUs these run the packed 14 x 32 register-tile GEMM with the fused epilogue:
+# partial row and column tiles, several k blocks (K > 512) and column panels (N > 512),
+# and the column split used when there are few rows.
+GEMM_SHAPES = [(300, 700, 1100), (37, 1200, 200), (2, 4096, 1024), (1000, 333, 77)]
+
+
+def float32_against_float64(activation, exact, grad_out, backend="cpu"):
+    """linear_act on float32 copies of `exact` vs plain float32 torch, both vs float64."""
+    low = [None if t is None else t.detach().float().requires_grad_() for t in exact]
+    ours = forward_and_grads(
+        lambda x, w, b: pykernels.linear_act(x, w, b, activation, backend=backend), *low,
+        grad_out.float())
+    plain = forward_and_grads(lambda x, w, b: torch_reference(x, w, b, activation), *low,
+                              grad_out.float())
+    ref = forward_and_grads(lambda x, w, b: torch_reference(x, w, b, activation), *exact,
+                            grad_out)
+    for name, a, p, e in zip(["out", "grad_input", "grad_weight", "grad_bias"], ours, plain,
+                             ref):
+        assert a.dtype == torch.float32 and a.shape == e.shape
+        assert_low_precision_close(a, p, e, name=name)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cpu_gemm_sizes_match_float64_reference(activation, shape):
+    m, k, n = shape
+    exact = make_inputs((m,), k, n, True, seed=k)
+    float32_against_float64(activation, exact, torch.randn(m, n, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_cpu_gemm_strided_operands(bias):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(700, 2, 300, generator=g, dtype=torch.float64)[:, 1].t()  # (300, 700)
+    w = torch.randn(700, 1100, generator=g, dtype=torch.float64).t()  # (1100, 700)
+    b = torch.randn(2200, generator=g, dtype=torch.float64)[::2] if bias else None
+    exact = [None if t is None else t.requires_grad_() for t in (x, w, b)]
+    float32_against_float64("gelu", exact, torch.randn(300, 1100, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("shape", [(300, 700, 1100), (37, 1200, 200)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_cpu_gemm_is_bitwise_reproducible_across_thread_counts(shape):
+    m, k, n = shape
+    x, w, b = make_inputs((m,), k, n, True, dtype=torch.float32)
+    grad_out = torch.randn(m, n)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, max(2, threads), 3):
+            torch.set_num_threads(count)
+            results.append(forward_and_grads(
+                lambda x, w, b: pykernels.linear_act(x, w, b, "silu", backend="cpu"),
+                x, w, b, grad_out))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, e in zip(other, results[0], strict=True):
+            assert torch.equal(a, e)
+
+
 # ---- registration: opcheck, autograd.Function, torch.compile ----------------------------
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

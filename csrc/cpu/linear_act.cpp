@@ -1,14 +1,18 @@
 // Fused linear + activation on the CPU.
 //
-// Forward: z = input @ weight^T + bias by ATen's GEMM (addmm), then ONE pass over z that
-// applies the activation and, only where the backward needs it, keeps z; otherwise the
-// output overwrites z in place, so the forward allocates a single (M, N) tensor.
+// Forward: y = act(input @ weight^T + bias). float32 on AVX-512 CPUs runs our own GEMM
+// (cpu/gemm.h), whose epilogue adds the bias and applies the activation to each register
+// tile before it is stored: y is written once, and z (the pre-activation) only where the
+// backward needs it. Elsewhere (float64, other CPUs, tiny products): ATen's GEMM (addmm,
+// bias included) and then ONE pass over z that applies the activation, in place unless z is
+// kept.
 //
 // Backward: with dz = dy * act'(saved) (saved = y or z, see kernels/activation.h),
 //   grad_input  = dz @ weight        (M, K)
 //   grad_weight = dz^T @ input       (N, K)
 //   grad_bias   = sum over rows of dz (N)
-// ONE pass computes dz and the bias column sums together; the two GEMMs are ATen's.
+// ONE pass computes dz and the bias column sums together; the two GEMMs are ours or
+// ATen's, as in the forward.
 // The pass is split into row chunks fixed by (M, N), whose fp64 partial sums are added in
 // chunk order: the result does not depend on the thread count (bitwise reproducible).
 //
@@ -24,6 +28,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/gemm.h"
 #include "cpu/linear_act_simd.h"
 
 namespace pykernels {
@@ -111,6 +116,20 @@ void backward_cols_scalar(const scalar_t* dyp, const scalar_t* sp, scalar_t* dzp
   }
 }
 
+// A 2-D float32 tensor (any strides) as a GEMM operand.
+GemmOperand operand(const at::Tensor& t) {
+  return {t.data_ptr<float>(), t.stride(0), t.stride(1)};
+}
+
+// a @ b for 2-D tensors: gemm_f32 where it is preferred for float32, else ATen's mm.
+at::Tensor matrix_product(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  if (a.scalar_type() != at::kFloat || !gemm_f32_preferred(M, N, K)) return at::mm(a, b);
+  at::Tensor out = at::empty({M, N}, a.options());
+  gemm_f32(operand(a), operand(b), out.data_ptr<float>(), M, N, K, GemmEpilogue{});
+  return out;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> linear_act_forward(const at::Tensor& input,
@@ -121,10 +140,21 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward(const at::Tensor& input,
   check_activation(act);
   const int64_t M = input.size(0);
   const int64_t N = weight.size(0);
+  const int64_t K = input.size(1);
+  if (input.scalar_type() == at::kFloat && gemm_f32_preferred(M, N, K)) {
+    at::Tensor out = at::empty({M, N}, input.options());
+    at::Tensor preact = at::empty({save_preact ? M : 0, N}, input.options());
+    const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+    GemmEpilogue epilogue;
+    if (bias_c.defined()) epilogue.bias = bias_c.data_ptr<float>();
+    if (save_preact) epilogue.preact = preact.data_ptr<float>();
+    epilogue.act = act;
+    epilogue.negative_slope = static_cast<float>(negative_slope);
+    gemm_f32(operand(input), operand(weight.t()), out.data_ptr<float>(), M, N, K, epilogue);
+    return {out, save_preact ? preact : at::empty({0}, input.options())};
+  }
   // The bias goes into the GEMM (beta = 1 onto the broadcast bias, as F.linear does): a
-  // separate bias pass over z would cost a full read + write of (M, N) outside the GEMM's
-  // cache blocking. (Fusing the epilogue into row panels of the GEMM instead, so z is
-  // still in L2, measured slower: MKL loses more on the panel calls than the pass costs.)
+  // separate bias pass over z would cost a full read + write of (M, N).
   at::Tensor z = (bias.has_value() ? at::addmm(*bias, input, weight.t())
                                    : at::mm(input, weight.t()))
                      .contiguous();
@@ -215,9 +245,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
       }
     });
   }
-  at::Tensor grad_input = need_input_grad ? at::mm(dz, weight) : at::empty({0}, dy.options());
+  at::Tensor grad_input =
+      need_input_grad ? matrix_product(dz, weight) : at::empty({0}, dy.options());
   at::Tensor grad_weight =
-      need_weight_grad ? at::mm(dz.t(), input) : at::empty({0}, dy.options());
+      need_weight_grad ? matrix_product(dz.t(), input) : at::empty({0}, dy.options());
   return {grad_input, grad_weight, grad_bias};
 }
 

@@ -48,6 +48,7 @@
 #include "cpu/cross_entropy_vec_impl.h"
 #define PYKERNELS_VEC_ATTN(name) name##_avx512
 #include "cpu/attention_vec_impl.h"
+#include "cpu/gemm_avx512_impl.h"
 static_assert(pykernels::cpu::kLanes == 16, "expected ATen's AVX-512 Vectorized<float>");
 
 #pragma GCC diagnostic pop

@@ -1,0 +1,29 @@
+// A float32 GEMM with a fused bias + activation epilogue for the CPU paths (gemm.cpp).
+#pragma once
+
+#include <cstdint>
+
+#include "cpu/gemm_simd.h"
+
+namespace pykernels {
+namespace cpu {
+
+// A strided matrix operand: element (i, j) is data[i * row_stride + j * col_stride].
+struct GemmOperand {
+  const float* data;
+  int64_t row_stride;
+  int64_t col_stride;
+};
+
+// Whether gemm_f32 runs here (the AVX-512 unit is built in and cpu_isa() allows it) and
+// is worth it for an M x N x K product; otherwise the callers use ATen's GEMM.
+bool gemm_f32_preferred(int64_t M, int64_t N, int64_t K);
+
+// c (M x N, row-major, contiguous) = epilogue(a (M x K) @ b (K x N)), fp32 accumulation.
+// M, N, K > 0. Each element of c is computed by one thread in a fixed k order, so the
+// result does not depend on the number of threads. Call only where gemm_f32_preferred.
+void gemm_f32(GemmOperand a, GemmOperand b, float* c, int64_t M, int64_t N, int64_t K,
+              const GemmEpilogue& epilogue);
+
+}  // namespace cpu
+}  // namespace pykernels
