@@ -193,10 +193,11 @@ def test_cpu_bias_gradient_is_reproducible_across_thread_counts():
 
 
 # ---- float32 products big enough for the cpu backend's own GEMM (csrc/cpu/gemm.cpp) ---------
-# On AVX-512 CPUs these run the packed 14 x 32 register-tile GEMM with the fused epilogue:
-# partial row and column tiles, several k blocks (K > 512) and column panels (N > 512),
-# and the column split used when there are few rows.
-GEMM_SHAPES = [(300, 700, 1100), (37, 1200, 200), (2, 4096, 1024), (1000, 333, 77)]
+# On AVX-512 CPUs these run the packed 14 x 32 register-tile GEMM with the fused epilogue
+# (C at least 2048 x 256, depth at least 256): partial row and column tiles, several k blocks
+# (K > 512) and column panels (N > 512). The first shape runs the forward and grad_input
+# GEMMs there, the second all three (grad_weight with a transposed A).
+GEMM_SHAPES = [(2053, 700, 1100), (2050, 300, 2200)]
 
 
 def float32_against_float64(activation, exact, grad_out, backend="cpu"):
@@ -226,15 +227,14 @@ def test_cpu_gemm_sizes_match_float64_reference(activation, shape):
 @pytest.mark.parametrize("bias", [True, False])
 def test_cpu_gemm_strided_operands(bias):
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(700, 2, 300, generator=g, dtype=torch.float64)[:, 1].t()  # (300, 700)
-    w = torch.randn(700, 1100, generator=g, dtype=torch.float64).t()  # (1100, 700)
+    x = torch.randn(700, 2, 2053, generator=g, dtype=torch.float64)[:, 1].t()  # (2053, 700)
+    w = torch.randn(700, 1100, generator=g, dtype=torch.float64).t() / 700**0.5  # (1100, 700)
     b = torch.randn(2200, generator=g, dtype=torch.float64)[::2] if bias else None
     exact = [None if t is None else t.requires_grad_() for t in (x, w, b)]
-    float32_against_float64("gelu", exact, torch.randn(300, 1100, dtype=torch.float64))
+    float32_against_float64("gelu", exact, torch.randn(2053, 1100, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("shape", [(300, 700, 1100), (37, 1200, 200)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_cpu_gemm_is_bitwise_reproducible_across_thread_counts(shape):
     m, k, n = shape
     x, w, b = make_inputs((m,), k, n, True, dtype=torch.float32)

@@ -16,11 +16,12 @@ struct GemmOperand {
 };
 
 // Whether gemm_f32 runs here (the AVX-512 unit is built in and cpu_isa() allows it) and
-// is worth it for an M x N x K product; otherwise the callers use ATen's GEMM.
+// is worth it for an M x N x K product (large ones, see gemm.cpp); otherwise the callers
+// use ATen's GEMM.
 bool gemm_f32_preferred(int64_t M, int64_t N, int64_t K);
 
 // c (M x N, row-major, contiguous) = epilogue(a (M x K) @ b (K x N)), fp32 accumulation.
-// M, N, K > 0. Each element of c is computed by one thread in a fixed k order, so the
+// Each element of c is computed by one thread in a fixed k order, so the
 // result does not depend on the number of threads. Call only where gemm_f32_preferred.
 void gemm_f32(GemmOperand a, GemmOperand b, float* c, int64_t M, int64_t N, int64_t K,
               const GemmEpilogue& epilogue);
