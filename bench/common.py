@@ -101,27 +101,40 @@ def make_case(fn, make_inputs, mode, machine, grad_like=torch.randn_like):
     return call, [first] + [one_set() for _ in range(count - 1)]
 
 
+def _rep_ms(quick):
+    return 20 if quick else 100
+
+
+def _warm_up(call, sets, quick):
+    """A pass over the sets, and at least the warm-up time; the mean ms of one call."""
+    warmup_ms = 5 if quick else 25
+    rotation = itertools.cycle(sets)
+    start, calls = time.perf_counter(), 0
+    while calls < len(sets) or (time.perf_counter() - start) * 1e3 < warmup_ms:
+        call(next(rotation))
+        calls += 1
+    return (time.perf_counter() - start) * 1e3 / calls
+
+
+def _timed(call, s):
+    t0 = time.perf_counter()
+    call(s)
+    return time.perf_counter() - t0
+
+
 def time_ms(call, sets, machine, quick=False):
     """Median milliseconds of ``call(s)``, cycling ``s`` through ``sets``, after warm-up."""
-    warmup_ms, rep_ms = (5, 20) if quick else (25, 100)
     rotation = itertools.cycle(sets)
     if machine.is_cuda:
         import triton.testing  # CUDA events around each call; it also flushes L2 between calls
 
         return triton.testing.do_bench(
-            lambda: call(next(rotation)), warmup=warmup_ms, rep=rep_ms, return_mode="median"
+            lambda: call(next(rotation)), warmup=25 if not quick else 5, rep=_rep_ms(quick),
+            return_mode="median"
         )
-    start, calls = time.perf_counter(), 0
-    while calls < len(sets) or (time.perf_counter() - start) * 1e3 < warmup_ms:
-        call(next(rotation))  # warm up: a pass over the sets, and at least warmup_ms
-        calls += 1
-    estimate_ms = (time.perf_counter() - start) * 1e3 / calls
-    times = []
-    for _ in range(min(200, max(5, int(rep_ms / max(estimate_ms, 1e-3))))):
-        s = next(rotation)
-        t0 = time.perf_counter()
-        call(s)
-        times.append(time.perf_counter() - t0)
+    estimate_ms = _warm_up(call, sets, quick)
+    repeats = min(200, max(5, int(_rep_ms(quick) / max(estimate_ms, 1e-3))))
+    times = [_timed(call, next(rotation)) for _ in range(repeats)]
     return statistics.median(times) * 1e3
 
 
@@ -137,14 +150,10 @@ def peak_mem_mb(call, sets, machine):
     return (torch.cuda.max_memory_allocated(machine.device) - base) / 2**20
 
 
-def measure(machine, fn, make_inputs, mode, *, op, backend, shape, dtype,
-            flops=None, nbytes=None, quick=False, grad_like=torch.randn_like):
-    """Time one case and return its row; ``flops``/``nbytes`` give TFLOP/s and GB/s."""
-    call, sets = make_case(fn, make_inputs, mode, machine, grad_like)
-    ms = time_ms(call, sets, machine, quick)
+def _row(machine, ms, peak_mb, *, op, backend, shape, dtype, mode, flops, nbytes):
     row = dict(
         op=op, backend=backend, shape=shape, dtype=str(dtype).replace("torch.", ""),
-        mode=mode, ms=ms, peak_mem_mb=peak_mem_mb(call, sets, machine), **machine.stamp,
+        mode=mode, ms=ms, peak_mem_mb=peak_mb, **machine.stamp,
     )
     if flops is not None:
         row["tflops"] = flops / ms / 1e9
@@ -153,29 +162,73 @@ def measure(machine, fn, make_inputs, mode, *, op, backend, shape, dtype,
     return row
 
 
+def measure(machine, fn, make_inputs, mode, *, op, backend, shape, dtype,
+            flops=None, nbytes=None, quick=False, grad_like=torch.randn_like):
+    """Time one case and return its row; ``flops``/``nbytes`` give TFLOP/s and GB/s."""
+    call, sets = make_case(fn, make_inputs, mode, machine, grad_like)
+    ms = time_ms(call, sets, machine, quick)
+    return _row(machine, ms, peak_mem_mb(call, sets, machine), op=op, backend=backend,
+                shape=shape, dtype=dtype, mode=mode, flops=flops, nbytes=nbytes)
+
+
+def _failed(what, e):
+    print(f"{what} FAILED {type(e).__name__}: {(str(e) or ' ').splitlines()[0]}")
+
+
 def measure_cases(machine, cases, *, shape, dtype, flops=None, nbytes=None, quick=False,
                   grad_like=torch.randn_like, modes=MODES):
     """Yield a row for each ``(op, backend, fn, make_inputs)`` case in every mode, printed
     as it comes (a generator, so a run cut short keeps what it measured).
 
     ``flops`` and ``nbytes`` map each mode to its count. A case that raises is printed
-    and left out: one failing backend must not cost the whole run.
+    and left out: one failing backend must not cost the whole run. On CPU the cases of
+    one call are timed in interleaved rounds (each case once per round, median per case):
+    on a shared machine a slow phase then hits every case alike, where timing them one
+    after another would charge it to whichever case ran then.
     """
-    for op, backend, fn, make_inputs in cases:
-        for mode in modes:
-            what = f"  {op:22} {backend:8} {shape:16} {mode:8}"
+    labels = [(op, backend, fn, make_inputs, mode, f"  {op:22} {backend:8} {shape:16} {mode:8}")
+              for op, backend, fn, make_inputs in cases for mode in modes]
+
+    def row_of(label, ms, peak_mb):
+        op, backend, _, _, mode, what = label
+        print(f"{what} {ms:.4g} ms", flush=True)
+        return _row(machine, ms, peak_mb, op=op, backend=backend, shape=shape, dtype=dtype,
+                    mode=mode, flops=(flops or {}).get(mode), nbytes=(nbytes or {}).get(mode))
+
+    if machine.is_cuda:
+        for label in labels:
+            _, _, fn, make_inputs, mode, what = label
             try:
-                row = measure(machine, fn, make_inputs, mode, op=op, backend=backend,
-                              shape=shape, dtype=dtype, flops=(flops or {}).get(mode),
-                              nbytes=(nbytes or {}).get(mode), quick=quick,
-                              grad_like=grad_like)
+                call, sets = make_case(fn, make_inputs, mode, machine, grad_like)
+                ms = time_ms(call, sets, machine, quick)
             except Exception as e:
-                print(f"{what} FAILED {type(e).__name__}: {(str(e) or ' ').splitlines()[0]}")
-                if machine.is_cuda:
-                    torch.cuda.empty_cache()  # after an out-of-memory error, above all
+                _failed(what, e)
+                torch.cuda.empty_cache()  # after an out-of-memory error, above all
                 continue
-            print(f"{what} {row['ms']:.4g} ms", flush=True)
-            yield row
+            yield row_of(label, ms, peak_mem_mb(call, sets, machine))
+        return
+
+    live = []  # [label, call, rotation, times, estimate_ms]
+    for label in labels:
+        _, _, fn, make_inputs, mode, what = label
+        try:
+            call, sets = make_case(fn, make_inputs, mode, machine, grad_like)
+            live.append([label, call, itertools.cycle(sets), [], _warm_up(call, sets, quick)])
+        except Exception as e:
+            _failed(what, e)
+    if not live:
+        return
+    total_ms = sum(entry[4] for entry in live)
+    rounds = min(200, max(7, int(_rep_ms(quick) * len(live) / max(total_ms, 1e-3))))
+    for _ in range(rounds):
+        for entry in list(live):
+            try:
+                entry[3].append(_timed(entry[1], next(entry[2])))
+            except Exception as e:
+                _failed(entry[0][-1], e)
+                live.remove(entry)
+    for label, _, _, times, _ in live:
+        yield row_of(label, statistics.median(times) * 1e3, None)
 
 
 def measure_ceilings(machine, quick=False):
