@@ -1,5 +1,9 @@
 """pykernels.linear_act: every backend against plain PyTorch (float64 references)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -252,6 +256,19 @@ def test_cpu_gemm_is_bitwise_reproducible_across_thread_counts(shape):
     for other in results[1:]:
         for a, e in zip(other, results[0], strict=True):
             assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_cpu_fallbacks_below_avx512(capability):
+    """With torch's CPU capability lowered, the same gemm-sized cases run the other paths
+    (ATen's GEMM, then the AVX2 or scalar loops) and must match the reference too."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "test_cpu_gemm_sizes_match_float64_reference and (gelu or relu)"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " 8 passed" in result.stdout  # 2 shapes x (gelu, gelu_tanh, relu, leaky_relu)
 
 
 # ---- registration: opcheck, autograd.Function, torch.compile ----------------------------
