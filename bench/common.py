@@ -29,6 +29,7 @@ COLUMNS = (
 # its inputs cache-hot); on CPU a size past the L2 and most last-level caches.
 CPU_ROTATION_BYTES = 64 << 20
 MAX_SETS = 8  # tiny shapes would otherwise need thousands of sets
+CPU_INTERLEAVE_BYTES = 2 << 30  # input sets held at once by a group of interleaved CPU cases
 
 
 class Machine:
@@ -96,8 +97,8 @@ def make_case(fn, make_inputs, mode, machine, grad_like=torch.randn_like):
             return torch.autograd.grad(fn(*s[0]), s[1], s[2])
 
     first = one_set()
-    leaves = [t for part in first for t in (part if isinstance(part, tuple) else (part,))]
-    count = min(MAX_SETS, max(2, math.ceil(machine.rotation_bytes / max(1, _nbytes(leaves)))))
+    set_bytes = max(1, _nbytes(_leaves([first])))
+    count = min(MAX_SETS, max(2, math.ceil(machine.rotation_bytes / set_bytes)))
     return call, [first] + [one_set() for _ in range(count - 1)]
 
 
@@ -201,33 +202,50 @@ def measure_cases(machine, cases, *, shape, dtype, flops=None, nbytes=None, quic
             try:
                 call, sets = make_case(fn, make_inputs, mode, machine, grad_like)
                 ms = time_ms(call, sets, machine, quick)
+                peak_mb = peak_mem_mb(call, sets, machine)
             except Exception as e:
                 _failed(what, e)
                 torch.cuda.empty_cache()  # after an out-of-memory error, above all
                 continue
-            yield row_of(label, ms, peak_mem_mb(call, sets, machine))
+            yield row_of(label, ms, peak_mb)
         return
 
-    live = []  # [label, call, rotation, times, estimate_ms]
-    for label in labels:
+    # Cases are made and timed in groups whose input sets fit CPU_INTERLEAVE_BYTES (a case
+    # bigger than that is a group of its own), so interleaving never multiplies the memory
+    # of a large benchmark by its number of cases.
+    group, group_bytes = [], 0  # group: [label, call, rotation, times, estimate_ms]
+    for index, label in enumerate(labels):
         _, _, fn, make_inputs, mode, what = label
         try:
             call, sets = make_case(fn, make_inputs, mode, machine, grad_like)
-            live.append([label, call, itertools.cycle(sets), [], _warm_up(call, sets, quick)])
+            group.append([label, call, itertools.cycle(sets), [], _warm_up(call, sets, quick)])
+            group_bytes += _nbytes(_leaves(sets))
         except Exception as e:
             _failed(what, e)
-    if not live:
+        if index + 1 == len(labels) or group_bytes >= CPU_INTERLEAVE_BYTES:
+            yield from _time_interleaved(group, quick, row_of)
+            group, group_bytes = [], 0
+
+
+def _leaves(sets):
+    return [t for s in sets for part in s for t in (part if isinstance(part, tuple) else (part,))
+            if isinstance(t, torch.Tensor)]
+
+
+def _time_interleaved(group, quick, row_of):
+    """Rows for a group of made cases, timed once each per round, median per case."""
+    if not group:
         return
-    total_ms = sum(entry[4] for entry in live)
-    rounds = min(200, max(7, int(_rep_ms(quick) * len(live) / max(total_ms, 1e-3))))
+    total_ms = sum(entry[4] for entry in group)
+    rounds = min(200, max(7, int(_rep_ms(quick) * len(group) / max(total_ms, 1e-3))))
     for _ in range(rounds):
-        for entry in list(live):
+        for entry in list(group):
             try:
                 entry[3].append(_timed(entry[1], next(entry[2])))
             except Exception as e:
                 _failed(entry[0][-1], e)
-                live.remove(entry)
-    for label, _, _, times, _ in live:
+                group.remove(entry)
+    for label, _, _, times, _ in group:
         yield row_of(label, statistics.median(times) * 1e3, None)
 
 

@@ -60,6 +60,22 @@ def assert_matches_reference(backend, activation, x, w, b, grad_out, tol,
     return ours
 
 
+def float32_against_float64(activation, exact, grad_out, backend="cpu"):
+    """linear_act on float32 copies of `exact` vs plain float32 torch, both vs float64."""
+    low = [None if t is None else t.detach().float().requires_grad_() for t in exact]
+    ours = forward_and_grads(
+        lambda x, w, b: pykernels.linear_act(x, w, b, activation, backend=backend), *low,
+        grad_out.float())
+    plain = forward_and_grads(lambda x, w, b: torch_reference(x, w, b, activation), *low,
+                              grad_out.float())
+    ref = forward_and_grads(lambda x, w, b: torch_reference(x, w, b, activation), *exact,
+                            grad_out)
+    names = ["out", "grad_input", "grad_weight", "grad_bias"][:len(ref)]
+    for name, a, p, e in zip(names, ours, plain, ref, strict=True):
+        assert a.dtype == torch.float32 and a.shape == e.shape
+        assert_low_precision_close(a, p, e, name=name)
+
+
 def test_cpu_backend_is_built_and_listed():
     assert "cpu" in pykernels.backends("cpu")
     assert "torch" in pykernels.backends()
@@ -87,19 +103,8 @@ def test_gradcheck_float64(backend, activation, bias, lead):
 def test_float32_matches_float64_reference(backend, activation, shape):
     m, k, n = shape
     exact = make_inputs((m,), k, n, True, seed=m)
-    low = [t.detach().float().requires_grad_() for t in exact]
-    grad_out = torch.randn(m, n, dtype=torch.float64)
-    ours = forward_and_grads(
-        lambda x, w, b: pykernels.linear_act(x, w, b, activation, backend=backend), *low,
-        grad_out.float())
-    plain = forward_and_grads(lambda x, w, b: torch_reference(x, w, b, activation), *low,
-                              grad_out.float())
-    ref = forward_and_grads(lambda x, w, b: torch_reference(x, w, b, activation), *exact,
-                            grad_out)
-    for name, a, p, e in zip(["out", "grad_input", "grad_weight", "grad_bias"], ours, plain,
-                             ref, strict=True):
-        assert a.dtype == torch.float32
-        assert_low_precision_close(a, p, e, name=name)
+    float32_against_float64(activation, exact, torch.randn(m, n, dtype=torch.float64),
+                            backend)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -202,22 +207,6 @@ def test_cpu_bias_gradient_is_reproducible_across_thread_counts():
 # (K > 512) and column panels (N > 512). The first shape runs the forward and grad_input
 # GEMMs there, the second all three (grad_weight with a transposed A).
 GEMM_SHAPES = [(2053, 700, 1100), (2050, 300, 2200)]
-
-
-def float32_against_float64(activation, exact, grad_out, backend="cpu"):
-    """linear_act on float32 copies of `exact` vs plain float32 torch, both vs float64."""
-    low = [None if t is None else t.detach().float().requires_grad_() for t in exact]
-    ours = forward_and_grads(
-        lambda x, w, b: pykernels.linear_act(x, w, b, activation, backend=backend), *low,
-        grad_out.float())
-    plain = forward_and_grads(lambda x, w, b: torch_reference(x, w, b, activation), *low,
-                              grad_out.float())
-    ref = forward_and_grads(lambda x, w, b: torch_reference(x, w, b, activation), *exact,
-                            grad_out)
-    names = ["out", "grad_input", "grad_weight", "grad_bias"][:len(ref)]
-    for name, a, p, e in zip(names, ours, plain, ref, strict=True):
-        assert a.dtype == torch.float32 and a.shape == e.shape
-        assert_low_precision_close(a, p, e, name=name)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)

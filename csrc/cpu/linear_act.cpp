@@ -143,7 +143,8 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward(const at::Tensor& input,
   const int64_t K = input.size(1);
   if (input.scalar_type() == at::kFloat && gemm_f32_preferred(M, N, K)) {
     at::Tensor out = at::empty({M, N}, input.options());
-    at::Tensor preact = at::empty({save_preact ? M : 0, N}, input.options());
+    at::Tensor preact =
+        save_preact ? at::empty({M, N}, input.options()) : at::empty({0}, input.options());
     const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
     GemmEpilogue epilogue;
     if (bias_c.defined()) epilogue.bias = bias_c.data_ptr<float>();
@@ -151,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward(const at::Tensor& input,
     epilogue.act = act;
     epilogue.negative_slope = static_cast<float>(negative_slope);
     gemm_f32(operand(input), operand(weight.t()), out.data_ptr<float>(), M, N, K, epilogue);
-    return {out, save_preact ? preact : at::empty({0}, input.options())};
+    return {out, preact};
   }
   // The bias goes into the GEMM (beta = 1 onto the broadcast bias, as F.linear does): a
   // separate bias pass over z would cost a full read + write of (M, N).
