@@ -39,11 +39,16 @@ constexpr int64_t kMinDepth = 256;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// A thread's buffer for a packed block of A, 64-byte aligned, reused across calls.
+// The first 64-byte aligned float at or after p (buffers get 16 floats of slack for it):
+// the microkernel's packed loads are aligned.
+float* align64(float* p) {
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
+}
+
+// A thread's buffer for a packed block of A, reused across calls.
 float* packed_a_buffer() {
   thread_local std::vector<float> storage(kRowBlock * kDepth + 16);
-  const auto address = reinterpret_cast<uintptr_t>(storage.data());
-  return reinterpret_cast<float*>((address + 63) & ~uintptr_t(63));
+  return align64(storage.data());
 }
 
 }  // namespace
@@ -65,8 +70,7 @@ void gemm_f32(GemmOperand a, GemmOperand b, float* c, int64_t M, int64_t N, int6
   at::Tensor panel_storage =
       at::empty({kDepth * ceil_div(std::min(N, kPanelCols), kGemmNr) * kGemmNr + 16},
                 at::TensorOptions().dtype(at::kFloat));
-  const auto address = reinterpret_cast<uintptr_t>(panel_storage.data_ptr<float>());
-  float* packed_b = reinterpret_cast<float*>((address + 63) & ~uintptr_t(63));
+  float* packed_b = align64(panel_storage.data_ptr<float>());
 
   for (int64_t n0 = 0; n0 < N; n0 += kPanelCols) {
     const int64_t panel_cols = std::min(kPanelCols, N - n0);

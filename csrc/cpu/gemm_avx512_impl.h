@@ -5,8 +5,8 @@
 // linear_act_vec_impl.h).
 //
 // Why our own GEMM: on the Zen 4 machines this project runs on, MKL's sgemm reaches 55-70%
-// of the FMA peak at the linear_act shapes (its AVX-512 paths are for Intel CPUs), while a
-// 14 x 32 register tile over packed operands reaches 80-85%; and the epilogue then runs on
+// of the FMA peak (218 GFLOP/s on two cores, measured) at the linear_act shapes, while this
+// 14 x 32 register tile over packed operands reaches 70-77% there; and the epilogue runs on
 // the accumulators of each tile while they are in registers, not as a pass over C.
 
 #include "cpu/gemm_simd.h"
@@ -92,7 +92,7 @@ void macro_kernel(const float* packed_a, const float* packed_b, int64_t rows, in
                   int64_t kc, float* c, int64_t ldc, bool accumulate, const GemmEpilogue* ep) {
   alignas(64) float tile[kMr * kNr];
   // Row slivers outside, column slivers inside: the A sliver (kc x 14) stays in L1 while
-  // the B panel streams from L2.
+  // the B panel streams from L2 / L3.
   for (int64_t r0 = 0; r0 < rows; r0 += kMr) {
     const float* ap = packed_a + r0 * kc;
     GemmEpilogue row_ep;
