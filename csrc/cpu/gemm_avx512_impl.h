@@ -63,23 +63,24 @@ inline void microkernel(int64_t kc, const float* __restrict ap, const float* __r
   }
 }
 
-// Stores rows x cols of the tile to C (adding what C holds when accumulating), through the
-// epilogue when there is one. Partial tiles use masked loads and stores: nothing outside
-// C's rows x cols is touched.
+// Stores rows x cols of the tile at (row0, col0) of the macro-kernel's block of C (adding
+// what C holds when accumulating), through the epilogue when there is one. Partial tiles use
+// masked loads and stores: nothing outside C's rows x cols is touched.
 template <Activation A>
 void store_tile(const float* tile, int64_t rows, int64_t cols, float* c, int64_t ldc,
-                bool accumulate, const GemmEpilogue* ep, int64_t col0) {
+                int64_t row0, int64_t col0, bool accumulate, const GemmEpilogue* ep) {
   const Vec slope(ep ? ep->negative_slope : 0.0f);
   for (int64_t r = 0; r < rows; ++r) {
+    const int64_t offset = (row0 + r) * ldc + col0;  // of the row's first element in C
     for (int64_t h = 0; h < kNr && h < cols; h += 16) {
       const __mmask16 mask = lanes_mask(cols - h);
       __m512 v = _mm512_load_ps(tile + r * kNr + h);
-      float* dst = c + r * ldc + h;
+      float* dst = c + offset + h;
       if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, dst));
       if (ep != nullptr) {
         if (ep->bias != nullptr)
           v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, ep->bias + col0 + h));
-        if (ep->preact != nullptr) _mm512_mask_storeu_ps(ep->preact + r * ldc + h, mask, v);
+        if (ep->preact != nullptr) _mm512_mask_storeu_ps(ep->preact + offset + h, mask, v);
         v = activation_forward<Vec, VecMath>(A, Vec(v), slope);
       }
       _mm512_mask_storeu_ps(dst, mask, v);
@@ -94,18 +95,10 @@ void macro_kernel(const float* packed_a, const float* packed_b, int64_t rows, in
   // Row slivers outside, column slivers inside: the A sliver (kc x 14) stays in L1 while
   // the B panel streams from L2 / L3.
   for (int64_t r0 = 0; r0 < rows; r0 += kMr) {
-    const float* ap = packed_a + r0 * kc;
-    GemmEpilogue row_ep;
-    if (ep != nullptr) {
-      row_ep = *ep;
-      if (row_ep.preact != nullptr) row_ep.preact += r0 * ldc;
-    }
     for (int64_t c0 = 0; c0 < cols; c0 += kNr) {
-      microkernel(kc, ap, packed_b + c0 * kc, tile);
-      GemmEpilogue tile_ep = row_ep;
-      if (tile_ep.preact != nullptr) tile_ep.preact += c0;
+      microkernel(kc, packed_a + r0 * kc, packed_b + c0 * kc, tile);
       store_tile<A>(tile, std::min<int64_t>(kMr, rows - r0), std::min<int64_t>(kNr, cols - c0),
-                    c + r0 * ldc + c0, ldc, accumulate, ep ? &tile_ep : nullptr, c0);
+                    c, ldc, r0, c0, accumulate, ep);
     }
   }
 }
