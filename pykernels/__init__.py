@@ -6,7 +6,7 @@
     loss = pykernels.linear_cross_entropy(h, lm_head.weight, target)  # no (N, V) logits
     layer = pykernels.nn.Linear(512, 2048, activation="gelu")
     model = pykernels.models.Transformer(vocab_size, 256, 4, 4, max_seq_len=512)
-    report = pykernels.fuse(torch_model)                    # swap in the fused layers
+    model = pykernels.fuse(model)                           # swap in the fused layers
     with pykernels.use_backend("triton"): ...
 
 ``pykernels.backends()`` lists the backends usable here (DESIGN.md §3).
@@ -15,7 +15,7 @@
 from . import models, nn, reference
 from .activations import ACTIVATIONS
 from .backends import BACKENDS, backends, has_cuda, use_backend
-from .convert import FuseReport, fuse
+from .convert import FuseReport, explain_fuse, fuse
 from .ops.attention import AttentionFunction, scaled_dot_product_attention, use_deterministic
 from .ops.cross_entropy import (
     CrossEntropyFunction,
@@ -37,6 +37,7 @@ __all__ = [
     "LinearActFunction",
     "backends",
     "cross_entropy",
+    "explain_fuse",
     "fuse",
     "has_cuda",
     "linear_act",

@@ -3,6 +3,7 @@ every parameter's gradient), keeps its state_dict keys and Parameters, and repor
 swapped and what it skipped, and why."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -34,17 +35,19 @@ def outputs_and_grads(model, *inputs, loss=None):
 
 def assert_fused_matches(model, *inputs, loss=None, expect_swaps=None):
     """fuse(model) gives what model gave before (output and gradients) under the same
-    state_dict keys; returns the report."""
+    state_dict keys, and did what explain_fuse said it would; returns (fused, report)."""
     keys = list(model.state_dict())
     out, g = outputs_and_grads(model, *inputs, loss=loss)
-    report = pykernels.fuse(model)
-    out_f, g_f = outputs_and_grads(report.model, *inputs, loss=loss)
+    report = pykernels.explain_fuse(model)
+    fused = pykernels.fuse(model)
+    assert pykernels.explain_fuse(fused).swapped == []  # everything it listed was swapped
+    out_f, g_f = outputs_and_grads(fused, *inputs, loss=loss)
     torch.testing.assert_close(out_f, out, rtol=1e-12, atol=1e-13)
     assert_same_grads(g_f, g)
-    assert list(report.model.state_dict()) == keys
+    assert list(fused.state_dict()) == keys
     if expect_swaps is not None:
         assert [(name, new) for name, _, new in report.swapped] == expect_swaps
-    return report
+    return fused, report
 
 
 # ---- Linear + activation in a Sequential ---------------------------------------------------
@@ -62,8 +65,8 @@ def test_sequential_mlp_every_activation():
     model = nn.Sequential(*layers, nn.Dropout(0.0), nn.Linear(9, 4)).to(DT)
     expected = [(str(2 * i), f"pykernels.nn.Linear(activation={name}) + Identity")
                 for i, (_, name) in enumerate(ACTS)]
-    report = assert_fused_matches(model, torch.randn(11, 9, dtype=DT), expect_swaps=expected)
-    fused = report.model
+    fused, report = assert_fused_matches(model, torch.randn(11, 9, dtype=DT),
+                                         expect_swaps=expected)
     assert fused[12].activation == "leaky_relu" and fused[12].negative_slope == 0.2
     assert all(isinstance(fused[2 * i + 1], nn.Identity) for i in range(len(ACTS)))
     assert type(fused[15]) is nn.Linear  # a Linear with no activation after it stays
@@ -77,8 +80,7 @@ def test_parameters_are_shared_not_copied():
     params = list(model.parameters())
     old_linear, old_act = model[0], model[1]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    report = pykernels.fuse(model)
-    assert report.model is model and isinstance(model[0], pykernels.nn.Linear)
+    assert pykernels.fuse(model) is model and isinstance(model[0], pykernels.nn.Linear)
     assert all(p is q for p, q in zip(model.parameters(), params, strict=True))
     assert type(old_linear) is nn.Linear and isinstance(old_act, nn.ReLU)
     before = model[0].weight.detach().clone()
@@ -90,13 +92,13 @@ def test_parameters_are_shared_not_copied():
 def test_inplace_false_leaves_the_original_untouched():
     model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.MultiheadAttention(8, 2)).to(DT)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    report = pykernels.fuse(model, inplace=False)
-    assert report.model is not model
+    fused = pykernels.fuse(model, inplace=False)
+    assert fused is not model
     assert [type(m) for m in model] == [nn.Linear, nn.GELU, nn.MultiheadAttention]
-    assert not any(p is q for p in model.parameters() for q in report.model.parameters())
+    assert not any(p is q for p in model.parameters() for q in fused.parameters())
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key])
-    assert_same_state(report.model, model)
+    assert_same_state(fused, model)
 
 
 # ---- attention, losses, Transformer layers -------------------------------------------------
@@ -119,24 +121,24 @@ def test_multihead_attention_and_cross_entropy_in_a_container():
     torch.manual_seed(0)
     model = Classifier().to(DT)
     x, y = torch.randn(3, 5, 6, dtype=DT), torch.randint(0, 5, (3, 5))
-    report = assert_fused_matches(model, x, y, loss=lambda out: out, expect_swaps=[
+    fused, _ = assert_fused_matches(model, x, y, loss=lambda out: out, expect_swaps=[
         ("attn", "pykernels.nn.MultiheadAttention"),
         ("head.0", "pykernels.nn.Linear(activation=silu) + Identity"),
         ("loss", "pykernels.nn.CrossEntropyLoss")])
-    loss = report.model.loss
+    loss = fused.loss
     assert (loss.label_smoothing, loss.ignore_index) == (0.1, 2)
-    assert loss.weight is report.model.loss.weight and torch.equal(loss.weight,
-                                                                   model.loss.weight)
+    assert loss.weight is model.loss.weight and torch.equal(loss.weight, model.loss.weight)
 
 
 def test_bare_multihead_attention_root_is_replaced():
     mha = nn.MultiheadAttention(8, 2).to(DT)
     q = torch.randn(5, 3, 8, dtype=DT)
-    report = pykernels.fuse(mha)
+    report = pykernels.explain_fuse(mha)
     assert report.swapped == [("", "MultiheadAttention", "pykernels.nn.MultiheadAttention")]
-    assert type(mha) is nn.MultiheadAttention  # a root cannot be rebound: see report.model
-    assert isinstance(report.model, pykernels.nn.MultiheadAttention)
-    torch.testing.assert_close(report.model(q, q, q, need_weights=False)[0],
+    fused = pykernels.fuse(mha)
+    assert type(mha) is nn.MultiheadAttention  # a root cannot be rebound: fuse returns it
+    assert isinstance(fused, pykernels.nn.MultiheadAttention)
+    torch.testing.assert_close(fused(q, q, q, need_weights=False)[0],
                                mha(q, q, q, need_weights=False)[0], rtol=1e-12, atol=1e-13)
 
 
@@ -163,11 +165,11 @@ def test_transformer_encoder_layer(case):
     causal = torch.ones(7, 7, dtype=torch.bool).triu(1)  # as the padding mask: torch warns on mixed
     padding = torch.zeros(2, 7, dtype=torch.bool)
     padding[1, 5:] = True
-    fused = pykernels.fuse(layer, inplace=False).model
+    fused = pykernels.fuse(layer, inplace=False)
     assert_fused_matches(fused, src, causal, None, True)  # is_causal hint
-    report = assert_fused_matches(layer, src, causal, padding, expect_swaps=[
+    fused, _ = assert_fused_matches(layer, src, causal, padding, expect_swaps=[
         ("", "pykernels.nn.TransformerEncoderLayer")])
-    assert isinstance(report.model.self_attn, pykernels.nn.MultiheadAttention)
+    assert isinstance(fused.self_attn, pykernels.nn.MultiheadAttention)
 
 
 @pytest.mark.parametrize("case", LAYER_CASES, ids=str)
@@ -180,9 +182,9 @@ def test_transformer_decoder_layer(case):
     causal = nn.Transformer.generate_square_subsequent_mask(6, dtype=DT)
     memory_padding = torch.zeros(2, 9, dtype=torch.bool)
     memory_padding[0, 7:] = True
-    report = assert_fused_matches(layer, tgt, memory, causal, None, None, memory_padding,
-                                  expect_swaps=[("", "pykernels.nn.TransformerDecoderLayer")])
-    assert isinstance(report.model.multihead_attn, pykernels.nn.MultiheadAttention)
+    fused, _ = assert_fused_matches(layer, tgt, memory, causal, None, None, memory_padding,
+                                    expect_swaps=[("", "pykernels.nn.TransformerDecoderLayer")])
+    assert isinstance(fused.multihead_attn, pykernels.nn.MultiheadAttention)
 
 
 def test_decoder_layer_copy_keeps_what_torch_copies():
@@ -194,7 +196,7 @@ def test_decoder_layer_copy_keeps_what_torch_copies():
     torch.manual_seed(0)
     layer = nn.TransformerDecoderLayer(12, 3, 20, dropout=0.0, activation=nn.GELU()).to(DT)
     tgt, memory = _sequences(False, 6, 9)
-    fused = pykernels.fuse(layer, inplace=False).model
+    fused = pykernels.fuse(layer, inplace=False)
     assert fused.fused_activation == "relu"
     torch.testing.assert_close(fused(tgt, memory), copy.deepcopy(layer)(tgt, memory),
                                rtol=1e-12, atol=1e-13)
@@ -205,7 +207,7 @@ def test_inference_bypasses_torch_fast_path(monkeypatch):
     (torch._transformer_encoder_layer_fwd); the converted layer runs pykernels' and agrees."""
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(12, 4, 20, batch_first=True).to(DT).eval()
-    fused = pykernels.fuse(layer, inplace=False).model
+    fused = pykernels.fuse(layer, inplace=False)
     calls = []
     attention = pykernels.nn.attention.scaled_dot_product_attention
     monkeypatch.setattr(pykernels.nn.attention, "scaled_dot_product_attention",
@@ -223,13 +225,14 @@ def test_encoder_stack_nested_tensor_inference_path():
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(12, 4, 20, batch_first=True)
     encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).to(DT).eval()
+    assert [name for name, _, _ in pykernels.explain_fuse(encoder).swapped] == ["layers.0",
+                                                                                "layers.1"]
     fused = pykernels.fuse(encoder, inplace=False)
-    assert [name for name, _, _ in fused.swapped] == ["layers.0", "layers.1"]
     (src,) = _sequences(True, 7)
     padding = torch.zeros(2, 7, dtype=torch.bool)
     padding[0, 4:] = True
     with torch.no_grad():
-        torch.testing.assert_close(fused.model(src, src_key_padding_mask=padding),
+        torch.testing.assert_close(fused(src, src_key_padding_mask=padding),
                                    encoder(src, src_key_padding_mask=padding),
                                    rtol=1e-12, atol=1e-13)
 
@@ -240,7 +243,7 @@ def test_full_torch_transformer():
     model = nn.Transformer(12, 2, num_encoder_layers=1, num_decoder_layers=1,
                            dim_feedforward=16, dropout=0.0, norm_first=True).to(DT)
     src, tgt = _sequences(False, 7, 5)
-    report = assert_fused_matches(model, src, tgt)
+    _, report = assert_fused_matches(model, src, tgt)
     assert [name for name, _, _ in report.swapped] == ["encoder.layers.0",
                                                        "decoder.layers.0"]
 
@@ -257,7 +260,7 @@ def test_reference_models_fuse_into_the_fused_models():
 
     for name, args in (("MLP", (5, [8, 8], 3)), ("Transformer", (11, 8, 2, 2, 6))):
         ref = getattr(reference, name)(*args)
-        fused = pykernels.fuse(ref, inplace=False).model
+        fused = pykernels.fuse(ref, inplace=False)
         built = getattr(models, name)(*args)
         assert layers(fused) == layers(built)
         assert list(fused.state_dict()) == list(built.state_dict())
@@ -283,7 +286,8 @@ def test_skipped_cases_carry_reasons():
         "custom": custom,
         "plain": nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.ReLU()),
     })
-    report = pykernels.fuse(model)
+    report = pykernels.explain_fuse(model)
+    pykernels.fuse(model)
     skipped = {name: (kind, reason) for name, kind, reason in report.skipped}
     assert set(skipped) == {"softplus.0", "subclass.0", "hooked.0", "attn", "custom"}
     assert "no fused kernel for Softplus" in skipped["softplus.0"][1]
@@ -315,18 +319,18 @@ def test_custom_activation_layer_still_matches():
 def test_shared_modules_and_second_fuse():
     shared = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     model = nn.Sequential(shared, shared, nn.Linear(4, 2)).to(DT)
-    report = pykernels.fuse(model)
-    assert [name for name, _, _ in report.swapped] == ["0.0"]  # converted once
-    assert model[0] is model[1]
-    assert pykernels.fuse(model).swapped == []  # already fused
+    assert [name for name, _, _ in pykernels.explain_fuse(model).swapped] == ["0.0"]
+    pykernels.fuse(model)
+    assert model[0] is model[1]  # converted once, rebound in both places
+    assert pykernels.explain_fuse(model).swapped == []  # already fused
 
 
 def test_functional_activation_in_layers():
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, activation=F.silu).to(DT)
     (src,) = _sequences(False, 5, dim=8)
-    report = assert_fused_matches(layer, src)
-    assert report.model.fused_activation == "silu"
+    fused, _ = assert_fused_matches(layer, src)
+    assert fused.fused_activation == "silu"
 
 
 def test_fused_layers_built_directly():
@@ -355,3 +359,95 @@ def test_not_a_module():
         pykernels.nn.MultiheadAttention.from_torch(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="activation must be"):
         pykernels.nn.TransformerEncoderLayer(8, 2, activation=torch.nn.ELU())
+
+
+# ---- pairs held as attributes (torch.fx), gated MLPs, need_weights, the report --------------
+
+class AttributeMLP(nn.Module):
+    """fc2(act(fc1(x))) with the layers held as attributes, in a residual block."""
+
+    def __init__(self, act, width=12):
+        super().__init__()
+        self.norm = nn.LayerNorm(6)
+        self.fc1 = nn.Linear(6, width)
+        self.act = act
+        self.fc2 = nn.Linear(width, 6)
+
+    def forward(self, x):
+        return x + self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+def test_attribute_held_mlp():
+    torch.manual_seed(0)
+    model = nn.Sequential(AttributeMLP(nn.GELU(approximate="tanh")),
+                          AttributeMLP(nn.LeakyReLU(0.3))).to(DT)
+    fused, report = assert_fused_matches(model, torch.randn(4, 5, 6, dtype=DT), expect_swaps=[
+        ("0.fc1", "pykernels.nn.Linear(activation=gelu_tanh) + Identity"),
+        ("1.fc1", "pykernels.nn.Linear(activation=leaky_relu) + Identity")])
+    assert isinstance(fused[0].act, nn.Identity) and fused[1].fc1.negative_slope == 0.3
+    assert report.skipped == []
+
+
+class UsesPreactivation(AttributeMLP):
+    def forward(self, x):
+        h = self.fc1(self.norm(x))
+        return self.fc2(self.act(h)) + h.sum(-1, keepdim=True)
+
+
+class CallsTwice(AttributeMLP):
+    def forward(self, x):
+        x = self.norm(x)
+        return self.fc2(self.act(self.fc1(x))) + self.fc1(x)[..., :6]
+
+
+class DataDependent(AttributeMLP):
+    def forward(self, x):
+        if x.sum() > 0:  # torch.fx cannot trace a branch on a value
+            x = -x
+        return self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+def test_attribute_pairs_that_are_not_fused_are_reported():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"pre": UsesPreactivation(nn.ReLU()), "twice": CallsTwice(nn.ReLU()),
+                           "branch": DataDependent(nn.ReLU()),
+                           "softplus": AttributeMLP(nn.Softplus())}).to(DT)
+    report = pykernels.explain_fuse(model)
+    assert report.swapped == []
+    skipped = {name: reason for name, _, reason in report.skipped}
+    assert skipped["pre.fc1"] == "forward also uses fc1's output before the activation"
+    assert skipped["twice.fc1"] == "fc1 is called more than once in forward"
+    assert skipped["branch"].startswith("has linear and activation children but torch.fx "
+                                        "cannot trace its forward (TraceError")
+    assert skipped["softplus.fc1"] == "no fused kernel for Softplus(beta=1.0, threshold=20.0)"
+    assert len(skipped) == 4
+    x = torch.randn(3, 6, dtype=DT)
+    for key, block in model.items():
+        assert_fused_matches(block, x, expect_swaps=[])
+
+
+def test_need_weights_warns_once_and_the_report_says_so():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2, batch_first=True)}).to(DT)
+    plain = copy.deepcopy(model)
+    report = pykernels.explain_fuse(model)
+    assert report.notes == [("attn", pykernels.convert._MHA_NOTE)]
+    assert "need_weights=False" in str(report)
+    pykernels.fuse(model)
+    x = torch.randn(2, 5, 8, dtype=DT)
+    with pytest.warns(UserWarning, match="need_weights=True runs PyTorch's attention"):
+        out, weights = model["attn"](x, x, x)
+    torch.testing.assert_close(out, plain["attn"](x, x, x)[0], rtol=1e-12, atol=1e-13)
+    assert weights is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model["attn"](x, x, x)  # once per module
+        model["attn"](x, x, x, need_weights=False)
+
+
+def test_verbose_prints_the_report(capsys):
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    text = str(pykernels.explain_fuse(model))
+    assert pykernels.fuse(model, verbose=True) is model
+    assert capsys.readouterr().out == text + "\n"
+    assert text.splitlines()[0] == "fuse: 1 swapped, 0 skipped"

@@ -1,5 +1,7 @@
 """pykernels.nn.MultiheadAttention: torch.nn.MultiheadAttention on the fused kernels."""
 
+import warnings
+
 import torch
 
 from ..ops.attention import scaled_dot_product_attention
@@ -21,8 +23,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
     A subclass of torch's: the same parameters, state_dict, forward signature and return
     value ``(output, weights)``. With ``need_weights=False`` the fused path runs (weights
-    None); with ``need_weights=True``, or with add_bias_kv / add_zero_attn, PyTorch's own
-    forward computes the weights as it always does.
+    None); with ``need_weights=True`` (torch's default; warned once per module), or with
+    add_bias_kv / add_zero_attn, PyTorch's own forward computes the weights as it always
+    does.
     """
 
     @classmethod
@@ -37,6 +40,13 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
                 attn_mask=None, average_attn_weights=True, is_causal=False):
         if need_weights or self.bias_k is not None or self.add_zero_attn:
+            if need_weights and not getattr(self, "_warned_need_weights", False):
+                # torch's default is need_weights=True, so a plain mha(x, x, x) call would
+                # otherwise never reach the fused kernel without anyone noticing
+                self._warned_need_weights = True
+                warnings.warn("pykernels.nn.MultiheadAttention called with need_weights=True "
+                              "runs PyTorch's attention, not the fused kernel; pass "
+                              "need_weights=False to use it", stacklevel=2)
             return super().forward(query, key, value, key_padding_mask, need_weights,
                                    attn_mask, average_attn_weights, is_causal)
         if is_causal and attn_mask is None:
