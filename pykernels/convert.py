@@ -138,16 +138,16 @@ def _qualify(prefix, name):
     return f"{prefix}.{name}" if prefix else name
 
 
-def _integrations(module):
-    """Model-level integrations for ``module``: transformers' when it is a transformers
-    model. transformers is imported only if the caller already has (a model of it cannot
-    exist otherwise), so that ``import pykernels`` never imports it; importing the
-    integration also registers transformers' linear and activation types."""
+def _integrations():
+    """The integrations with libraries the caller has imported: transformers' (its models,
+    wherever they sit in the model, cannot exist otherwise), so that ``import pykernels``
+    never imports it. Importing the integration also registers transformers' linear and
+    activation types."""
     if "transformers" not in sys.modules:
         return []
     from .integrations import transformers as hf
 
-    return [hf] if hf.is_transformers_model(module) else []
+    return [hf]
 
 
 def _resolve_activation(module):
@@ -188,8 +188,8 @@ class _Fuser:
 
     def run(self, module):
         self.report = FuseReport(module)
-        for integration in _integrations(module):
-            integration.fuse_model(module, self)
+        for integration in _integrations():
+            integration.fuse_models(module, self)
         root = self.swap(module, "")
         if root is not None:
             if not self.dry_run:
@@ -386,13 +386,13 @@ class _Fuser:
 
 def _gated_mlp(gate, up, down, activation, negative_slope, training):
     """A pykernels.nn.GatedMLP holding the Linear modules ``gate``, ``up``, ``down`` (shared,
-    so their Parameters, hooks-free state and state_dict keys stay)."""
-    mlp = fused_nn.GatedMLP.__new__(fused_nn.GatedMLP)
-    nn.Module.__init__(mlp)
+    so their Parameters and state_dict keys stay); built on the meta device, so its own
+    Parameters, replaced at once, never take memory."""
+    mlp = fused_nn.GatedMLP(gate.in_features, gate.out_features, activation=activation,
+                            bias=gate.bias is not None, negative_slope=negative_slope,
+                            device="meta")
     mlp.gate_proj, mlp.up_proj, mlp.down_proj = gate, up, down
-    mlp.activation, mlp.negative_slope = activation, negative_slope
-    mlp.train(training)
-    return mlp
+    return mlp.train(training)
 
 
 def _fuses_nothing(linear):

@@ -7,7 +7,7 @@ their MLPs fuse like torch's (``NewGELUActivation``/``FastGELUActivation``/
 ``AccurateGELUActivation``/``GELUTanh`` -> gelu_tanh, ``GELUActivation`` -> gelu,
 ``SiLUActivation`` -> silu; ``QuickGELUActivation``, ``ClippedGELUActivation``, ``Mish``,
 ``ReLUSquared``, ... have no kernel and are reported). ``fuse`` on a ``PreTrainedModel``
-then also
+(or a module holding one) then also
 
 - switches attention to ``"pykernels"``: :func:`attention_forward` registered with
   transformers' ``AttentionInterface`` and :func:`mask_interface` with its
@@ -77,10 +77,6 @@ def register_causal_lm(name, softcap_attribute=None):
     must compute ``logits = lm_head(hidden)`` (softcapped by ``config.<softcap_attribute>``
     when given) and pass them with the labels to ``self.loss_function``."""
     CAUSAL_LMS[name] = softcap_attribute
-
-
-def is_transformers_model(module):
-    return isinstance(module, transformers.PreTrainedModel)
 
 
 # ---- MLPs: Conv1D and transformers' activations --------------------------------------------
@@ -246,13 +242,13 @@ def _arm_loss(model, args, kwargs):
     """Forward pre-hook: a call with labels runs without them, its LM head armed."""
     head = model.get_output_embeddings()
     head.pending = None  # a forward that raised may have left it armed
-    position = list(inspect.signature(model.forward).parameters).index("labels")
-    if "labels" in kwargs:
-        labels, kwargs = kwargs["labels"], {**kwargs, "labels": None}
-    elif len(args) > position:
-        labels, args = args[position], args[:position] + (None,) + args[position + 1:]
-    else:
-        labels = None
+    labels = kwargs.get("labels")
+    if labels is not None:
+        kwargs = {**kwargs, "labels": None}
+    elif len(args) > 1:  # labels never come first; look for them among the positionals
+        position = list(inspect.signature(model.forward).parameters).index("labels")
+        if len(args) > position:
+            labels, args = args[position], args[:position] + (None,) + args[position + 1:]
     if labels is None:
         return None
     head.pending = {"labels": labels, "shift_labels": kwargs.get("shift_labels"),
@@ -308,39 +304,50 @@ def causal_lm_loss(hidden, head, labels, *, num_items_in_batch=None, ignore_inde
 
 # ---- fuse -------------------------------------------------------------------------------------
 
-def fuse_model(model, fuser):
-    """The model-level part of :func:`pykernels.fuse` on a transformers ``model`` (the
-    modules are walked by ``fuse`` itself): attention implementation and loss."""
+def fuse_models(root, fuser):
+    """The model-level part of :func:`pykernels.fuse` (its modules are walked by ``fuse``
+    itself) for each outermost transformers model in ``root`` (``root`` itself, or models
+    held by a wrapper module): attention implementation and loss."""
+    outermost = []
+    for prefix, model in root.named_modules():
+        if isinstance(model, transformers.PreTrainedModel) and not any(
+                outer == "" or prefix.startswith(outer + ".") for outer in outermost):
+            outermost.append(prefix)
+            _fuse_attention(model, prefix, fuser)
+            if isinstance(model, transformers.GenerationMixin):
+                _fuse_loss(model, prefix, fuser)
+
+
+def _fuse_attention(model, prefix, fuser):
     kind = type(model).__name__
     current = model.config._attn_implementation
     if current == IMPLEMENTATION:
-        pass
-    elif not model._supports_attention_backend or not model._can_set_attn_implementation():
-        fuser.skipped("", kind, "attention: the model does not call transformers' "
-                                "attention interface, so it keeps its attention")
-    else:
-        if not fuser.dry_run:
-            register()
-            model.set_attn_implementation(IMPLEMENTATION)
-        fuser.swapped("", f"{kind} attn_implementation={current!r}",
-                      f"attn_implementation={IMPLEMENTATION!r}")
-    if isinstance(model, transformers.GenerationMixin):
-        _fuse_loss(model, fuser)
+        return
+    if not model._supports_attention_backend or not model._can_set_attn_implementation():
+        fuser.skipped(prefix, kind, "attention: the model does not call transformers' "
+                                    "attention interface, so it keeps its attention")
+        return
+    if not fuser.dry_run:
+        register()
+        model.set_attn_implementation(IMPLEMENTATION)
+    fuser.swapped(prefix, f"{kind} attn_implementation={current!r}",
+                  f"attn_implementation={IMPLEMENTATION!r}")
 
 
-def _fuse_loss(model, fuser):
+def _fuse_loss(model, prefix, fuser):
     kind = type(model).__name__
     head = model.get_output_embeddings()
     name = next((n for n, m in model.named_modules() if m is head), None)
     if head is None or isinstance(head, LMHead) or name is None:
         return
+    qualified = f"{prefix}.{name}" if prefix else name
     if kind not in CAUSAL_LMS:
-        fuser.skipped(name, f"{kind} loss", "not in pykernels.integrations.transformers."
-                                            "CAUSAL_LMS (see register_causal_lm)")
+        fuser.skipped(qualified, f"{kind} loss", "not in pykernels.integrations.transformers."
+                                                 "CAUSAL_LMS (see register_causal_lm)")
         return
     if type(head) is not nn.Linear:
-        fuser.skipped(name, f"{kind} loss", f"the LM head is a {type(head).__name__}, not "
-                                            f"an nn.Linear")
+        fuser.skipped(qualified, f"{kind} loss", f"the LM head is a {type(head).__name__}, "
+                                                 f"not an nn.Linear")
         return
     if not fuser.dry_run:
         parent_name, _, child = name.rpartition(".")
@@ -348,5 +355,5 @@ def _fuse_loss(model, fuser):
         parent._modules[child] = LMHead.from_linear(head)
         model.register_forward_pre_hook(_arm_loss, with_kwargs=True)
         model.register_forward_hook(_fused_loss, with_kwargs=True)
-    fuser.swapped(name, f"{kind} lm_head + loss_function",
+    fuser.swapped(qualified, f"{kind} lm_head + loss_function",
                   "pykernels.linear_cross_entropy when labels are given (no logits)")
