@@ -16,31 +16,24 @@ from . import models, nn, reference
 from .activations import ACTIVATIONS
 from .backends import BACKENDS, backends, has_cuda, use_backend
 from .convert import FuseReport, explain_fuse, fuse
-from .ops.attention import AttentionFunction, scaled_dot_product_attention, use_deterministic
-from .ops.cross_entropy import (
-    CrossEntropyFunction,
-    LinearCrossEntropyFunction,
-    cross_entropy,
-    linear_cross_entropy,
-)
-from .ops.linear_act import LinearActFunction, linear_act
+from .ops.attention import scaled_dot_product_attention, use_deterministic
+from .ops.cross_entropy import cross_entropy, linear_cross_entropy
+from .ops.linear_act import linear_act
+from .ops.linear_glu import linear_glu
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS",
-    "AttentionFunction",
     "BACKENDS",
-    "CrossEntropyFunction",
     "FuseReport",
-    "LinearCrossEntropyFunction",
-    "LinearActFunction",
     "backends",
     "cross_entropy",
     "explain_fuse",
     "fuse",
     "has_cuda",
     "linear_act",
+    "linear_glu",
     "linear_cross_entropy",
     "models",
     "nn",

@@ -20,19 +20,6 @@ def activation_id(activation):
     return ACTIVATION_IDS[activation]
 
 
-def grad_from_output(activation, negative_slope):
-    """Whether act'(z) is a function of y = act(z) alone, so the forward may save y.
-
-    relu' = [y > 0], sigmoid' = y (1 - y), tanh' = 1 - y^2, and for leaky_relu
-    [y > 0] picks the branch exactly when negative_slope >= 0. gelu, gelu_tanh and silu
-    need the pre-activation z. Saving y costs no memory of its own: the next layer keeps
-    it alive as its input anyway.
-    """
-    if activation == "leaky_relu":
-        return negative_slope >= 0
-    return activation in ("none", "relu", "sigmoid", "tanh")
-
-
 def activation_module(activation, negative_slope=0.01):
     """The torch.nn module computing the activation called ``activation`` ("none": Identity).
 

@@ -805,29 +805,6 @@ def test_only_requested_gradients_and_no_grad(backend):
     assert no_grad.grad_fn is None and torch.equal(no_grad, out.detach())
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_attention_function(backend):
-    q, k, v = make_qkv((2, 4), (2, 2), 13, 10, 8, 6, seed=25)
-    mask = make_mask("bool", (2, 4), 13, 10, seed=25)
-    args = (mask, 0.0, False, 0.5, True, (3, 2), 4.0, backend)
-    grad_out = random_like((2, 4, 13, 6), seed=25)
-    via_function = out_and_grads(lambda q, k, v: pykernels.AttentionFunction.apply(
-        q, k, v, *args), q, k, v, grad_out)
-    opts = dict(attn_mask=mask, scale=0.5, enable_gqa=True, window=(3, 2), softcap=4.0)
-    assert_all_close(via_function, out_and_grads(ours_fn(backend, opts), q, k, v, grad_out),
-                     "AttentionFunction", rtol=0, atol=0)
-    assert_all_close(via_function, out_and_grads(expected_fn(opts), q, k, v, grad_out),
-                     "AttentionFunction vs reference")
-    out = pykernels.AttentionFunction.apply(q.requires_grad_(), k, v, *args)
-    assert type(out.grad_fn).__name__ == "AttentionFunctionBackward"
-    # the 3-D and 2-D shapes go through the Function too
-    q3, k3, v3 = q[0, :2], k[0], v[0]
-    torch.testing.assert_close(
-        pykernels.AttentionFunction.apply(q3, k3, v3, None, 0.0, True, None, False, None,
-                                          None, backend),
-        F.scaled_dot_product_attention(q3, k3, v3, is_causal=True), rtol=1e-12, atol=1e-12)
-
-
 def _spy_kernels(monkeypatch):
     used = []
     original = attn_ops._kernels
@@ -1043,8 +1020,7 @@ ATTN_BAD = {
     "feature_mismatch": (ValueError, "key must have query's feature size E = 8"),
     "no_features": (ValueError, "key must have query's feature size E = 0 >= 1"),
     "value_length": (ValueError, "value must be .* with key's length S = 6"),
-    "rank_mismatch": (ValueError, "query, key and value must have the same number of dims"),
-    "batch_mismatch": (ValueError, "batch dims of query"),
+    "batch_mismatch": (ValueError, "the batch dims of query .* do not broadcast"),
     "kv_heads_differ": (ValueError, "key and value must have the same number of heads, got 2 "
                                     "and 4"),
     "heads_without_gqa": (ValueError, "query has 4 heads but key/value have 2; pass "
@@ -1062,22 +1038,24 @@ ATTN_BAD = {
     "mask_extra_dim": (ValueError, r"attn_mask of shape \(3, 2, 4, 5, 6\) does not broadcast"),
     "mask_device": (ValueError, "attn_mask is on meta but query is on cpu"),
     "causal_with_mask": (ValueError, "pass either attn_mask or is_causal=True, not both"),
-    "dropout_negative": (ValueError, r"dropout_p must be in \[0, 1\), got -0.1"),
-    "dropout_one": (ValueError, r"dropout_p must be in \[0, 1\), got 1.0"),
-    "dropout_nan": (ValueError, r"dropout_p must be in \[0, 1\), got nan"),
-    "dropout_bool": (ValueError, r"dropout_p must be in \[0, 1\), got True"),
-    "dropout_str": (ValueError, r"dropout_p must be in \[0, 1\)"),
-    "scale_nan": (ValueError, "scale must be a finite real number or None, got nan"),
-    "scale_str": (ValueError, "scale must be a finite real number or None"),
-    "window_negative": (ValueError, "window left must be an int >= 0 or None, got -1"),
-    "window_right_negative": (ValueError, "window right must be an int >= 0 or None, got -2"),
+    "dropout_negative": (ValueError, r"dropout_p must be in \[0.0, 1.0\), got -0.1"),
+    "dropout_one": (ValueError, r"dropout_p must be in \[0.0, 1.0\), got 1.0"),
+    "dropout_nan": (ValueError, r"dropout_p must be in \[0.0, 1.0\), got nan"),
+    "dropout_bool": (TypeError, "dropout_p must be a real number, got True"),
+    "dropout_str": (TypeError, "dropout_p must be a real number, got '0.1'"),
+    "scale_nan": (ValueError, "scale must be a finite number, got nan"),
+    "scale_str": (TypeError, "scale must be a real number, got '0.5'"),
+    "window_negative": (ValueError, "window left must be an int >= 0, got -1"),
+    "window_right_negative": (ValueError, "window right must be an int >= 0, got -2"),
     "window_length": (ValueError, r"window must be a \(left, right\) pair, got \(1, 2, 3\)"),
-    "window_int": (ValueError, r"window must be a \(left, right\) pair, got 3"),
-    "window_float": (ValueError, "window left must be an int >= 0 or None, got 1.5"),
-    "window_bool": (ValueError, "window right must be an int >= 0 or None, got True"),
-    "softcap_zero": (ValueError, "softcap must be a finite number > 0 or None, got 0.0"),
-    "softcap_negative": (ValueError, "softcap must be a finite number > 0 or None, got -1"),
-    "softcap_inf": (ValueError, "softcap must be a finite number > 0 or None, got inf"),
+    "window_int": (TypeError, r"window must be a \(left, right\) pair, got 3"),
+    "window_float": (TypeError, "window left must be an int, got 1.5"),
+    "window_bool": (TypeError, "window right must be an int, got True"),
+    "softcap_zero": (ValueError, r"softcap must be finite and in \(0.0, inf\), got 0.0"),
+    "softcap_negative": (ValueError, r"softcap must be finite and in \(0.0, inf\), got -1"),
+    "softcap_inf": (ValueError, r"softcap must be finite and in \(0.0, inf\), got inf"),
+    "softcap_below_float32_triton": (ValueError, r"backend 'triton' takes softcap in "
+                                                 r"\[1.17549e-38, 3.40282e\+38\], got 1e-40"),
     "float_mask_requires_grad": (ValueError, "gradients with respect to attn_mask are not "
                                              "supported by the kernel backends"),
     "head_dim_512_triton": (ValueError, "backend 'triton' supports head dims up to 256, got "
@@ -1087,7 +1065,6 @@ ATTN_BAD = {
     "backend_unknown": (ValueError, "backend must be one of"),
     "backend_unavailable": (RuntimeError, "backend 'cuda' is not available for cpu tensors"),
     "backend_dtype": (TypeError, "backend 'cpu' on cpu supports dtypes float32, float64"),
-    "function_torch_backend": (ValueError, "AttentionFunction runs kernel backends"),
 }
 
 
@@ -1104,13 +1081,12 @@ def test_bad_input(monkeypatch, case):
     monkeypatch.setattr(attn_ops, "_kernels", kernel_ran)
     q, k, v = make_qkv((2, 4), (2, 4), 5, 6, 8, 8, dtype=torch.float32)
     args, kwargs = [q, k, v], {"backend": "cpu"}
-    fn = pykernels.scaled_dot_product_attention
     replace = {
         "query_not_tensor": (0, q.tolist()), "int_query": (0, q.long()),
         "int_value": (2, v.int()), "query_1d": (0, q[0, 0, 0]),
         "mixed_dtypes": (1, k.double()), "value_dtype": (2, v.half()),
         "key_device": (1, k.to("meta")), "value_device": (2, v.to("meta")),
-        "feature_mismatch": (1, k[..., :7]), "rank_mismatch": (1, k[0]),
+        "feature_mismatch": (1, k[..., :7]),
         "batch_mismatch": (1, torch.cat([k, k[:1]])), "kv_heads_differ": (1, k[:, :2]),
         "value_length": (2, v[:, :, :5]),
     }
@@ -1143,6 +1119,9 @@ def test_bad_input(monkeypatch, case):
         kwargs["window"] = {"window_negative": (-1, 0), "window_right_negative": (0, -2),
                             "window_length": (1, 2, 3), "window_int": 3,
                             "window_float": (1.5, 0), "window_bool": (0, True)}[case]
+    elif case == "softcap_below_float32_triton":
+        args = [t.double() for t in args]
+        kwargs.update(softcap=1e-40, backend="triton")
     elif case.startswith("softcap"):
         kwargs["softcap"] = {"softcap_zero": 0.0, "softcap_negative": -1,
                              "softcap_inf": INF}[case]
@@ -1158,11 +1137,8 @@ def test_bad_input(monkeypatch, case):
         kwargs["backend"] = "cuda"
     elif case == "backend_dtype":
         args = [t.half() for t in args]
-    elif case == "function_torch_backend":
-        fn = pykernels.AttentionFunction.apply
-        args, kwargs = [q, k, v, None, 0.0, False, None, False, None, None, "torch"], {}
     with pytest.raises(error, match=pattern):
-        fn(*args, **kwargs)
+        pykernels.scaled_dot_product_attention(*args, **kwargs)
 
 
 def test_mask_not_broadcasting_as_in_torch():

@@ -518,35 +518,39 @@ def _simple_case(seed=0, shape=(9, 97)):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("via_function", [False, True], ids=["functional", "Function"])
-def test_second_backward_through_same_graph_raises(backend, reduction, via_function):
+@pytest.mark.parametrize("inplace_backward", [False, True])
+def test_second_backward_through_same_graph(backend, reduction, inplace_backward):
+    # The default keeps PyTorch's contract (a second backward gives the same gradient);
+    # inplace_backward=True consumes its saved gradient and says so on a second backward.
     x, target = _simple_case()
     x.requires_grad_()
     kwargs = {"reduction": reduction, "label_smoothing": 0.1}
-    if via_function:
-        loss = pykernels.CrossEntropyFunction.apply(x, target, None, -100, reduction, 0.1, 0.0,
-                                                    None, backend)
-        assert type(loss.grad_fn).__name__ == "CrossEntropyFunctionBackward"
-    else:
-        loss = pykernels.cross_entropy(x, target, backend=backend, **kwargs)
+    loss = pykernels.cross_entropy(x, target, backend=backend,
+                                   inplace_backward=inplace_backward, **kwargs)
     grad_output = random_grad_output(loss.shape)
     (first,) = torch.autograd.grad(loss, x, grad_output, retain_graph=True)
     ref = loss_and_grad(reference_fn(target, None, kwargs), x, grad_output)
     torch.testing.assert_close(loss.detach(), ref[0], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(first, ref[1], rtol=1e-10, atol=1e-12)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        torch.autograd.grad(loss, x, grad_output)
+    if inplace_backward:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            torch.autograd.grad(loss, x, grad_output)
+    else:
+        (second,) = torch.autograd.grad(loss, x, grad_output)
+        assert torch.equal(first, second)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("scale", [1.0, 2.5, -0.75, 0.0])
-def test_grad_output_scales_the_gradient(backend, reduction, scale):
-    # scale 1 takes the kernels' skip path (no multiply), the others the in-place multiply.
+@pytest.mark.parametrize("inplace_backward", [False, True])
+def test_grad_output_scales_the_gradient(backend, reduction, scale, inplace_backward):
+    # inplace_backward: scale 1 takes the kernels' skip path (no multiply), the others the
+    # in-place multiply; the default folds the scale into the backward's row kernel.
     x, target = _simple_case(seed=3)
     x.requires_grad_()
     loss = pykernels.cross_entropy(x, target, backend=backend, reduction=reduction,
-                                   z_loss=1e-3)
+                                   z_loss=1e-3, inplace_backward=inplace_backward)
     (scale * loss).backward()
     xr = x.detach().requires_grad_()
     (scale * reference.cross_entropy(xr, target, reduction=reduction, z_loss=1e-3)).backward()
@@ -780,24 +784,25 @@ def test_linear_cross_entropy_float32_low_precision_rule(reduction):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_linear_cross_entropy_repeated_backward(backend, reduction):
+@pytest.mark.parametrize("inplace_backward", [False, True])
+def test_linear_cross_entropy_repeated_backward(backend, reduction, inplace_backward):
     x, w, _, t, _ = make_lce(13, 6, 33, ignore=True, seed=14)
     x.requires_grad_()
     w.requires_grad_()
     loss = pykernels.linear_cross_entropy(x, w, t, reduction=reduction, chunk_size=5,
-                                          backend=backend)
+                                          inplace_backward=inplace_backward, backend=backend)
     grad_output = random_grad_output(loss.shape)
     first = torch.autograd.grad(loss, (x, w), grad_output, retain_graph=True)
     ref = torch.autograd.grad(reference.linear_cross_entropy(x, w, t, reduction=reduction),
                               (x, w), grad_output)
     for a, e in zip(first, ref, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
-    if reduction == "none":  # the backward recomputes from the saved inputs: repeatable
-        second = torch.autograd.grad(loss, (x, w), grad_output)
-        assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
-    else:  # the gradients saved by the forward were scaled in place
+    if inplace_backward and reduction != "none":  # the saved gradients were scaled in place
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             torch.autograd.grad(loss, (x, w), grad_output)
+    else:  # 'none' recomputes from the saved inputs; the default scales into new tensors
+        second = torch.autograd.grad(loss, (x, w), grad_output)
+        assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -815,13 +820,6 @@ def test_linear_cross_entropy_only_requested_gradients_and_no_grad(backend):
         no_grad = pykernels.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=4,
                                                  backend=backend)
     assert no_grad.grad_fn is None and torch.equal(no_grad, loss.detach())
-    fn_loss = pykernels.LinearCrossEntropyFunction.apply(x, w, t, b, None, "sum", -100, 0.0,
-                                                         0.0, None, 4, backend)
-    assert type(fn_loss.grad_fn).__name__ == "LinearCrossEntropyFunctionBackward"
-    (gw,) = torch.autograd.grad(fn_loss, w)
-    (gw_ref,) = torch.autograd.grad(reference.linear_cross_entropy(x, wr, t, b,
-                                                                   reduction="sum"), wr)
-    torch.testing.assert_close(gw, gw_ref, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -842,7 +840,8 @@ def test_linear_cross_entropy_zero_rows(backend, reduction):
 
 # ---- registration: opcheck, torch.compile -----------------------------------------------
 
-# test_aot_dispatch_* fails for the forward ops when compute_grad=True (see the xfail below).
+# test_aot_dispatch_* fails for the forward ops whose backward scales a saved output in place
+# (inplace_backward; see the xfail below).
 NO_AOT = ("test_schema", "test_autograd_registration", "test_faketensor")
 REDUCTION_IDS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -856,7 +855,7 @@ def _ce_op_args(backend, reduction, compute_grad, target_kind="index", seed=20):
             backend)
 
 
-def _lce_op_args(backend, reduction, compute_grad, bias=True, seed=21):
+def _lce_op_args(backend, reduction, compute_grad, bias=True, seed=21, inplace=False):
     x, w, b, t, cw = make_lce(9, 6, 11, bias=bias, weight=True, ignore=True,
                               dtype=torch.float32, seed=seed)
     requires = compute_grad or reduction == "none"  # 'none' differentiates in its backward
@@ -864,7 +863,7 @@ def _lce_op_args(backend, reduction, compute_grad, bias=True, seed=21):
         if v is not None:
             v.requires_grad_(requires)
     return (x, w, t, b, cw, -100, 0.1, 1e-3, 5.0, REDUCTION_IDS[reduction], 4, compute_grad,
-            backend)
+            inplace, backend)
 
 
 @pytest.mark.parametrize("backend, reduction, target_kind", backend_params(
@@ -883,15 +882,28 @@ def test_opcheck_cross_entropy_forward_with_grad(backend, reduction):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "BUG/design: opcheck's test_aot_dispatch fails ('Node getitem_N was invalid, but is "
-    "output') when the forward op returns the gradient it saves for backward and the "
-    "backward mutates that saved output in place (cross_entropy_scale_grad_); the public "
-    "functions compile because they do not return the gradient (test_torch_compile_*)"))
+    "inplace_backward by design: opcheck's test_aot_dispatch fails ('Node getitem_N was "
+    "invalid, but is output') when the forward op returns the gradient it saves for "
+    "backward and the backward mutates that saved output in place "
+    "(cross_entropy_scale_grad_); the public functions compile because they do not return "
+    "the gradient (test_torch_compile_*), and the default mode passes (tests above)"))
 @pytest.mark.parametrize("op", ["cross_entropy_forward", "linear_cross_entropy_forward"])
-def test_opcheck_forward_with_grad_aot_dispatch(op):
-    args = (_ce_op_args if op == "cross_entropy_forward" else _lce_op_args)("cpu", "mean", True)
+def test_opcheck_inplace_backward_aot_dispatch(op):
+    args = (_ce_op_args("cpu", "mean", True) if op == "cross_entropy_forward"
+            else _lce_op_args("cpu", "mean", True, inplace=True))
     opcheck(getattr(torch.ops.pykernels, op), args,
             test_utils=("test_aot_dispatch_static", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("backend, reduction, target_kind", backend_params(
+    list(itertools.product(["none", "mean", "sum"], ["index", "prob"])),
+    [("none", "index"), ("mean", "prob")]))
+def test_opcheck_cross_entropy_backward(backend, reduction, target_kind):
+    x, target, weight, *options, _, _ = _ce_op_args(backend, reduction, False, target_kind)
+    loss_shape = (5, 3) if reduction == "none" else ()
+    grad_loss = torch.randn(loss_shape, generator=torch.Generator().manual_seed(25))
+    opcheck(torch.ops.pykernels.cross_entropy_backward,
+            (grad_loss, x, target, weight, *options, backend))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -911,14 +923,16 @@ def test_opcheck_cross_entropy_scale_grad(backend, per_row):
     [("none", True), ("mean", True)]))
 def test_opcheck_linear_cross_entropy_forward(backend, reduction, bias):
     # 'none' (compute_grad False, inputs requiring grad): the whole opcheck; mean and sum
-    # (compute_grad True): all but aot_dispatch (xfail above), and the whole opcheck without
-    # gradients.
+    # (compute_grad True): the whole opcheck by default, all but aot_dispatch with
+    # inplace_backward (xfail above), and the whole opcheck without gradients.
     if reduction == "none":
         opcheck(torch.ops.pykernels.linear_cross_entropy_forward,
                 _lce_op_args(backend, reduction, False, bias))
     else:
         opcheck(torch.ops.pykernels.linear_cross_entropy_forward,
-                _lce_op_args(backend, reduction, True, bias), test_utils=NO_AOT)
+                _lce_op_args(backend, reduction, True, bias))
+        opcheck(torch.ops.pykernels.linear_cross_entropy_forward,
+                _lce_op_args(backend, reduction, True, bias, inplace=True), test_utils=NO_AOT)
         opcheck(torch.ops.pykernels.linear_cross_entropy_forward,
                 _lce_op_args(backend, reduction, False, bias))
 
@@ -997,7 +1011,7 @@ CE_BAD = {
     "label_smoothing_str": (TypeError, "label_smoothing must be a real number"),
     "softcap_zero": (ValueError, r"softcap must be in \(0.0, inf\)"),
     "softcap_negative": (ValueError, r"softcap must be in \(0.0, inf\)"),
-    "z_loss_negative": (ValueError, "z_loss must be in"),
+    "z_loss_negative": (ValueError, r"z_loss must be finite and in \[0.0, inf\), got -0.1"),
     "z_loss_inf": (ValueError, "z_loss must be finite"),
     "ignore_index_float": (TypeError, "ignore_index must be an int"),
     "target_other_device": (ValueError, "target is on meta but input is on cpu"),
@@ -1006,8 +1020,9 @@ CE_BAD = {
     "logits_not_tensor": (TypeError, "input must be a torch.Tensor"),
     "scalar_logits": (ValueError, r"input must be \(C,\), \(N, C\)"),
     "no_classes": (ValueError, r"with C >= 1, got shape \(4, 0\)"),
-    "prob_target_requires_grad": (ValueError, "gradients with respect to probability targets"),
-    "function_torch_backend": (ValueError, "CrossEntropyFunction runs kernel backends"),
+    "weight_requires_grad": (ValueError, "weight requires grad, but gradients with respect "
+                                         "to class weights are not supported"),
+    "inplace_backward_int": (TypeError, "inplace_backward must be a bool, got 1"),
     "backend_unknown": (ValueError, "backend must be one of"),
     "backend_unavailable": (RuntimeError, "backend 'cuda' is not available for cpu tensors"),
     "backend_dtype": (TypeError, "backend 'cpu' on cpu supports dtypes float32, float64"),
@@ -1019,7 +1034,6 @@ def test_cross_entropy_bad_input(case):
     error, pattern = CE_BAD[case]
     x, t = torch.randn(4, 7), torch.randint(0, 7, (4,))
     args, kwargs = [x, t], {"backend": "cpu"}
-    fn = pykernels.cross_entropy
     if case == "target_int32":
         args[1] = t.int()
     elif case == "target_shape":
@@ -1071,11 +1085,10 @@ def test_cross_entropy_bad_input(case):
         args = [torch.tensor(1.0), torch.tensor(0)]
     elif case == "no_classes":
         args[0] = torch.randn(4, 0)
-    elif case == "prob_target_requires_grad":
-        args[1] = torch.rand(4, 7, requires_grad=True)
-    elif case == "function_torch_backend":
-        fn = pykernels.CrossEntropyFunction.apply
-        args, kwargs = [x, t, None, -100, "mean", 0.0, 0.0, None, "torch"], {}
+    elif case == "weight_requires_grad":
+        args.append(torch.rand(7, requires_grad=True))
+    elif case == "inplace_backward_int":
+        kwargs["inplace_backward"] = 1
     elif case == "backend_unknown":
         kwargs["backend"] = "xla"
     elif case == "backend_unavailable":
@@ -1083,14 +1096,14 @@ def test_cross_entropy_bad_input(case):
     elif case == "backend_dtype":
         args[0] = x.half()
     with pytest.raises(error, match=pattern):
-        fn(*args, **kwargs)
+        pykernels.cross_entropy(*args, **kwargs)
 
 
 LCE_BAD = {
-    "chunk_zero": (ValueError, "chunk_size must be a positive int or None, got 0"),
-    "chunk_negative": (ValueError, "chunk_size must be a positive int or None, got -3"),
-    "chunk_float": (ValueError, "chunk_size must be a positive int or None, got 2.0"),
-    "chunk_bool": (ValueError, "chunk_size must be a positive int or None, got True"),
+    "chunk_zero": (ValueError, "chunk_size must be an int >= 1, got 0"),
+    "chunk_negative": (ValueError, "chunk_size must be an int >= 1, got -3"),
+    "chunk_float": (TypeError, "chunk_size must be an int, got 2.0"),
+    "chunk_bool": (TypeError, "chunk_size must be an int, got True"),
     "linear_weight_dtype": (TypeError, "linear_weight has dtype torch.float64"),
     "linear_weight_1d": (ValueError, "linear_weight must be 2-D"),
     "no_classes": (ValueError, "linear_weight must be 2-D"),
@@ -1102,7 +1115,8 @@ LCE_BAD = {
     "weight_length": (ValueError, r"weight must have shape \(9,\)"),
     "target_shape": (ValueError, r"class-index target must have shape \(6,\)"),
     "target_dtype": (TypeError, "target must be int64 class indices"),
-    "prob_target_requires_grad": (ValueError, "gradients with respect to probability targets"),
+    "weight_requires_grad": (ValueError, "weight requires grad, but gradients with respect "
+                                         "to class weights are not supported"),
     "linear_weight_other_device": (ValueError, "linear_weight is on meta but input is on cpu"),
     "bias_other_device": (ValueError, "linear_bias is on meta but input is on cpu"),
     "int_input": (TypeError, "input must be a floating-point tensor"),
@@ -1142,8 +1156,8 @@ def test_linear_cross_entropy_bad_input(case):
         args[2] = t[:5]
     elif case == "target_dtype":
         args[2] = t.to(torch.int16)
-    elif case == "prob_target_requires_grad":
-        args[2] = torch.rand(6, 9, requires_grad=True)
+    elif case == "weight_requires_grad":
+        kwargs["weight"] = torch.rand(9, requires_grad=True)
     elif case == "linear_weight_other_device":
         args[1] = w.to("meta")
     elif case == "bias_other_device":

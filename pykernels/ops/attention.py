@@ -18,19 +18,22 @@ torch.compile traces it). Registered as custom ops with fake kernels and autogra
 
 import contextlib
 import math
-import numbers
 
 import torch
 from torch import Tensor
 
 from .. import reference
 from ..backends import backends, extension, resolve
+from . import _checks, _contract
 from .autocast import autocast_operands
 
 # Head dims each kernel backend takes (the 'torch' backend takes any): E and Ev up to 256 on
 # cuda (kernels/attention.cu instantiates head-dim buckets 32, 64, 128, 256) and triton.
 _MAX_HEAD_DIM = {"cpu": None, "cuda": 256, "triton": 256}
 _deterministic = []  # use_deterministic's settings, innermost last
+# float32's smallest normal and largest finite values: the range of the Triton kernels'
+# float arguments.
+_F32_NORMAL, _F32_MAX = 2.0 ** -126, float(torch.finfo(torch.float32).max)
 
 
 @contextlib.contextmanager
@@ -81,18 +84,24 @@ def attention_forward(
     rng: Tensor | None,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
+    if q.shape[0] * q.shape[1] == 0:  # no (batch, head) pair: nothing for a kernel to do
+        return q.new_empty(q.shape[:3] + v.shape[3:]), q.new_empty(q.shape[:3],
+                                                                   dtype=_lse_dtype(q))
     forward, _ = _kernels(backend)
     out, lse = forward(q, k, v, mask, scale, causal, window_left, window_right, softcap,
                        dropout_p, *_seed_offset(rng))
     return out, lse
 
 
+def _lse_dtype(q):
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
 @attention_forward.register_fake
 def _(q, k, v, mask, scale, causal, window_left, window_right, softcap, dropout_p, rng,
       backend):
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return (q.new_empty(q.shape[:3] + v.shape[3:]),
-            q.new_empty(q.shape[:3], dtype=lse_dtype))
+            q.new_empty(q.shape[:3], dtype=_lse_dtype(q)))
 
 
 @torch.library.custom_op("pykernels::attention_backward", mutates_args=())
@@ -114,6 +123,8 @@ def attention_backward(
     deterministic: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    if q.shape[0] * q.shape[1] == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     _, backward = _kernels(backend)
     # Every backend's backward is deterministic by construction (no atomics), so
     # `deterministic` selects nothing; it stays in the op's schema for a faster, atomic path.
@@ -132,6 +143,9 @@ def _setup_context(ctx, inputs, output):
     (q, k, v, mask, scale, causal, window_left, window_right, softcap, dropout_p, rng,
      backend) = inputs
     out, lse = output
+    # The output is kept for Delta = rowsum(dO * O), as the flash and efficient backwards
+    # of F.scaled_dot_product_attention keep theirs: an in-place change to it raises
+    # autograd's "modified by an inplace operation" there and here.
     ctx.save_for_backward(q, k, v, out, lse, mask, rng)
     ctx.options = (scale, causal, window_left, window_right, softcap, dropout_p)
     ctx.backend = backend
@@ -139,10 +153,29 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # lse never gets a gradient: no zeros for it
 
 
+def _composition(mask, options):
+    """The plain-PyTorch attention of the kernel's (Z, H, L, E) operands and options."""
+    scale, causal, left, right, softcap, dropout_p = options
+    window = None
+    if left >= 0 or right >= 0:
+        window = (left if left >= 0 else None, right if right >= 0 else None)
+    return lambda q, k, v: reference.scaled_dot_product_attention(
+        q, k, v, mask, 0.0, causal, scale, q.shape[1] != k.shape[1], window, softcap or None)
+
+
 def _backward(ctx, grad_out, grad_lse):
     if grad_out is None:  # grads are not materialised (above): None means zero
         return (None,) * 12
     q, k, v, out, lse, mask, rng = ctx.saved_tensors
+    if _contract.graph_requested():
+        if ctx.options[-1] > 0:
+            raise RuntimeError(
+                "pykernels.scaled_dot_product_attention: no graph of the gradient "
+                "(create_graph=True) with dropout_p > 0, whose keep mask only the kernels "
+                "draw; use dropout_p=0 or backend='torch'")
+        grads = _contract.composition_grads(_composition(mask, ctx.options), (q, k, v),
+                                            ctx.needs_input_grad[:3], (grad_out,))
+        return (*grads,) + (None,) * 9
     dq, dk, dv = torch.ops.pykernels.attention_backward(
         grad_out.contiguous(), q, k, v, out, lse, mask, *ctx.options, rng, deterministic(),
         ctx.backend)
@@ -155,23 +188,25 @@ torch.library.register_autograd(
 
 
 def _check_tensors(query, key, value):
+    _checks.tensor(query, "query")
+    for name, t in (("key", key), ("value", value)):
+        _checks.tensor(t, name, like=query, like_name="query")
     for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
         if t.dim() < 2:
             raise ValueError(f"{name} must have shape (..., length, features), got "
                              f"{tuple(t.shape)}")
-    for name, t in (("key", key), ("value", value)):
-        if t.dtype != query.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but query has dtype {query.dtype}")
-        if t.device != query.device:
-            raise ValueError(f"{name} is on {t.device} but query is on {query.device}")
 
 
-def _check_shapes(query, key, value, enable_gqa):
-    """Returns (Hq, Hkv): the head counts (1 for 2-D inputs)."""
+def _layout(query, key, value, enable_gqa):
+    """How the operands map onto the kernels' (Z, H, L, E) views, broadcasting the leading
+    dims as F.scaled_dot_product_attention does (a 3-D query with 4-D key/value, a key/value
+    batch of 1, one key/value head for many query heads).
+
+    Returns (lead, hq, hkv): the output's leading dims (batch..., heads; () when every
+    operand is 2-D), and the query and key/value head counts of the kernel views. One
+    key/value head, or a GQA group, is read by its query heads without a copy; a broadcast
+    batch dim is materialised by the reshape.
+    """
     if key.shape[-1] != query.shape[-1] or query.shape[-1] == 0:
         raise ValueError(f"key must have query's feature size E = {query.shape[-1]} >= 1 "
                          f"(key.shape[-1]), got query {tuple(query.shape)}, key "
@@ -180,103 +215,105 @@ def _check_shapes(query, key, value, enable_gqa):
         raise ValueError(f"value must be (..., S, Ev) with key's length S = {key.shape[-2]} "
                          f"and Ev >= 1, got value {tuple(value.shape)}, key "
                          f"{tuple(key.shape)}")
-    if not (query.dim() == key.dim() == value.dim()):
-        raise ValueError(f"query, key and value must have the same number of dims, got "
-                         f"{query.dim()}, {key.dim()}, {value.dim()}")
-    batch = query.shape[:-3]
-    if key.shape[:-3] != batch or value.shape[:-3] != batch:
-        raise ValueError(f"batch dims of query {tuple(query.shape)}, key {tuple(key.shape)} "
-                         f"and value {tuple(value.shape)} do not match")
-    if query.dim() == 2:
-        return 1, 1
-    hq, hk, hv = query.shape[-3], key.shape[-3], value.shape[-3]
-    if hk != hv:
+    rank = max(query.dim(), key.dim(), value.dim()) - 2
+    if rank == 0:
+        return (), 1, 1
+    qs, ks, vs = ((1,) * (rank + 2 - t.dim()) + tuple(t.shape[:-2])
+                  for t in (query, key, value))
+    try:
+        batch = torch.broadcast_shapes(qs[:-1], ks[:-1], vs[:-1])
+    except RuntimeError:
+        raise ValueError(f"the batch dims of query {tuple(query.shape)}, key "
+                         f"{tuple(key.shape)} and value {tuple(value.shape)} do not "
+                         f"broadcast") from None
+    hq, hk, hv = qs[-1], ks[-1], vs[-1]
+    if hk != hv and 1 not in (hk, hv):
         raise ValueError(f"key and value must have the same number of heads, got {hk} and "
                          f"{hv}")
+    hkv = max(hk, hv) if 0 not in (hk, hv) else 0
     if enable_gqa:
-        if hk == 0 or hq % hk != 0:
+        if (hkv == 0 and hq != 0) or (hkv != 0 and hq % hkv != 0):
             raise ValueError(f"enable_gqa needs the query heads ({hq}) to be a multiple of "
-                             f"the key/value heads ({hk})")
-    elif hk != hq:
-        raise ValueError(f"query has {hq} heads but key/value have {hk}; pass "
-                         f"enable_gqa=True for grouped-query attention")
-    return hq, hk
+                             f"the key/value heads ({hkv})")
+    elif hkv != hq and hkv != 1:
+        if hq != 1:
+            raise ValueError(f"query has {hq} heads but key/value have {hkv}; pass "
+                             f"enable_gqa=True for grouped-query attention")
+        hq = hkv  # one query head broadcast over the key/value heads
+    return batch + (hq,), hq, hkv
 
 
-def _check_options(query, key, attn_mask, dropout_p, is_causal, scale, window, softcap):
+def _to4d(t, lead, heads):
+    """``t`` (..., len, features) broadcast to ``lead`` with ``heads`` heads, viewed as
+    (Z, heads, len, features); (1, 1, len, features) when ``lead`` is ()."""
+    if not lead:
+        return t.view(1, 1, *t.shape)
+    full = t.expand(lead[:-1] + (heads,) + t.shape[-2:])
+    return full.reshape(lead[:-1].numel(), heads, t.shape[-2], t.shape[-1])
+
+
+def _check_mask(attn_mask, query, lead, length, is_causal):
+    if attn_mask is None:
+        return
+    if not isinstance(attn_mask, Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+        raise TypeError(f"attn_mask must be bool or query's dtype {query.dtype}, got "
+                        f"{attn_mask.dtype}")
+    if attn_mask.device != query.device:
+        raise ValueError(f"attn_mask is on {attn_mask.device} but query is on "
+                         f"{query.device}")
+    target = torch.Size(lead + (query.shape[-2], length))
+    try:
+        ok = torch.broadcast_shapes(attn_mask.shape, target) == target
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast "
+                         f"to (..., L, S) = {tuple(target)}")
+    if is_causal:
+        raise ValueError("pass either attn_mask or is_causal=True, not both (as "
+                         "F.scaled_dot_product_attention)")
+
+
+def _check_options(query, key, dropout_p, scale, window, softcap):
     """Returns (scale, window_left, window_right, softcap or 0)."""
-    if attn_mask is not None:
-        if not isinstance(attn_mask, Tensor):
-            raise TypeError(f"attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
-            raise TypeError(f"attn_mask must be bool or query's dtype {query.dtype}, got "
-                            f"{attn_mask.dtype}")
-        if attn_mask.device != query.device:
-            raise ValueError(f"attn_mask is on {attn_mask.device} but query is on "
-                             f"{query.device}")
-        target = query.shape[:-2] + (query.shape[-2], key.shape[-2])
-        try:
-            ok = torch.broadcast_shapes(attn_mask.shape, target) == target
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast "
-                             f"to (..., L, S) = {tuple(target)}")
-        if is_causal:
-            raise ValueError("pass either attn_mask or is_causal=True, not both (as "
-                             "F.scaled_dot_product_attention)")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) \
-            or not 0 <= dropout_p < 1:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    _checks.real(dropout_p, "dropout_p", 0.0, 1.0, high_open=True)
     if scale is None:
         scale = 1 / math.sqrt(query.shape[-1])
-    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) \
-            or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite real number or None, got {scale!r}")
+    scale = _checks.real(scale, "scale", finite=True)
     left = right = -1
     if window is not None:
-        if not isinstance(window, (tuple, list)) or len(window) != 2:
+        if not isinstance(window, (tuple, list)):
+            raise TypeError(f"window must be a (left, right) pair, got {window!r}")
+        if len(window) != 2:
             raise ValueError(f"window must be a (left, right) pair, got {window!r}")
-        sides = []
-        for name, side in zip(("left", "right"), window, strict=True):
-            if side is None:
-                sides.append(-1)
-            elif isinstance(side, bool) or not isinstance(side, numbers.Integral) or side < 0:
-                raise ValueError(f"window {name} must be an int >= 0 or None, got {side!r}")
-            else:
-                sides.append(int(side))
+        left, right = (-1 if side is None else _checks.integer(side, f"window {name}", low=0)
+                       for name, side in zip(("left", "right"), window, strict=True))
         # A side beyond L + S is unbounded; clamping keeps the kernels' index arithmetic
         # (i + right, j + left) far from int64 overflow.
         span = query.shape[-2] + key.shape[-2]
-        left, right = (side if side < 0 else min(side, span) for side in sides)
-    if softcap is None:
-        softcap = 0.0
-    elif isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) \
-            or not softcap > 0 or not math.isfinite(softcap):
-        raise ValueError(f"softcap must be a finite number > 0 or None, got {softcap!r}")
-    return float(scale), left, right, float(softcap)
+        left, right = (side if side < 0 else min(side, span) for side in (left, right))
+    softcap = 0.0 if softcap is None else _checks.real(softcap, "softcap", 0.0,
+                                                       low_open=True, finite=True)
+    return scale, left, right, softcap
 
 
-def _to4d(t, heads):
-    """(..., H, L, E) -> (Z, H, L, E); 2-D (L, E) -> (1, 1, L, E)."""
-    if t.dim() == 2:
-        return t.view(1, 1, *t.shape)
-    return t.reshape(t.shape[:-3].numel(), heads, t.shape[-2], t.shape[-1])
-
-
-def _mask4d(attn_mask, query, key, hq):
-    """The additive (Z, Hq, L, S) view of a mask (bool: 0 where allowed, -inf elsewhere)."""
+def _mask4d(attn_mask, query, lead, length, heads):
+    """The additive (Z, Hq, L, S) view of a mask (bool: 0 where allowed, -inf elsewhere),
+    with zero strides where it broadcasts."""
     if attn_mask is None:
         return None
     if attn_mask.dtype == torch.bool:
         attn_mask = torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(
             ~attn_mask, float("-inf"))
-    shape = query.shape[:-2] + (query.shape[-2], key.shape[-2])
-    full = attn_mask.expand(shape)  # zero strides where it broadcasts
-    return _to4d(full, hq)
+    if not lead:
+        return attn_mask.expand(query.shape[-2], length).view(1, 1, query.shape[-2], length)
+    full = attn_mask.expand(lead + (query.shape[-2], length))
+    return full.reshape(lead[:-1].numel(), heads, query.shape[-2], length)
 
 
-def _check_backend(name, query, value, attn_mask):
+def _check_backend(name, query, value, attn_mask, softcap):
     limit = _MAX_HEAD_DIM.get(name)
     head_dim = max(query.shape[-1], value.shape[-1])
     if limit is not None and head_dim > limit:
@@ -286,58 +323,44 @@ def _check_backend(name, query, value, attn_mask):
         names = " or ".join(repr(b) for b in able + ["torch"])
         raise ValueError(f"backend {name!r} supports head dims up to {limit}, got "
                          f"{head_dim}; use backend {names}")
+    if name == "triton" and softcap and not _F32_NORMAL <= softcap <= _F32_MAX:
+        # The Triton kernels receive Python floats as float32 pairs (pykernels/triton).
+        raise ValueError(f"backend 'triton' takes softcap in [{_F32_NORMAL:g}, "
+                         f"{_F32_MAX:g}], got {softcap!r}; use backend 'cpu' or 'torch'")
     if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.requires_grad:
         raise ValueError("gradients with respect to attn_mask are not supported by the kernel "
                          "backends: detach it, or use backend='torch'")
 
 
-class AttentionFunction(torch.autograd.Function):
-    """Flash-style attention as an autograd.Function over the registered ops.
-
-    ``AttentionFunction.apply(query, key, value, attn_mask, dropout_p, is_causal, scale,
-    enable_gqa, window, softcap, backend)`` with the arguments of
-    :func:`scaled_dot_product_attention`; ``backend`` names a kernel backend or is None.
-    """
-
-    @staticmethod
-    def forward(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                scale=None, enable_gqa=False, window=None, softcap=None, backend=None):
-        inputs, name, shape = _prepare(query, key, value, attn_mask, dropout_p, is_causal,
-                                       scale, enable_gqa, window, softcap, backend)
-        if name == "torch":
-            raise ValueError("AttentionFunction runs kernel backends; for backend='torch' "
-                             "call pykernels.reference.scaled_dot_product_attention")
-        out, lse = torch.ops.pykernels.attention_forward(*inputs, name)
-        _setup_context(ctx, (*inputs, name), (out, lse))
-        ctx.shapes = (query.shape, key.shape, value.shape)
-        return out.view(shape)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        qs, ks, vs = ctx.shapes
-        q4 = ctx.saved_tensors[0]
-        dq, dk, dv = _backward(ctx, grad_out.reshape(q4.shape[:3] + (vs[-1],)), None)[:3]
-        return (dq.view(qs), dk.view(ks), dv.view(vs)) + (None,) * 8
+def _triton_scaled_query(name, q4, scale):
+    """The Triton kernels receive ``scale`` as a float32 pair, whose range a float64 scale
+    can leave (1e-50 would become 0). Moving a power of two of it onto the query is exact
+    in float64 and keeps the pair in range; the gradient flows back through the product."""
+    if name != "triton" or scale == 0 or 2.0 ** -60 <= abs(scale) <= 2.0 ** 60:
+        return q4, scale
+    mantissa, exponent = math.frexp(scale)
+    return q4 * 2.0 ** exponent, mantissa
 
 
 def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window,
              softcap, backend):
     """Validated op inputs (without the backend), the backend, and the output shape."""
     _check_tensors(query, key, value)
-    hq, hk = _check_shapes(query, key, value, enable_gqa)
-    scale, left, right, cap = _check_options(query, key, attn_mask, dropout_p, is_causal,
-                                             scale, window, softcap)
+    lead, hq, hkv = _layout(query, key, value, enable_gqa)
+    _check_mask(attn_mask, query, lead, key.shape[-2], is_causal)
+    scale, left, right, cap = _check_options(query, key, dropout_p, scale, window, softcap)
     name = resolve(backend, query.device, query.dtype)
-    shape = query.shape[:-1] + value.shape[-1:]
-    if name == "torch":
-        return None, name, shape
-    _check_backend(name, query, value, attn_mask)
+    shape = lead + (query.shape[-2], value.shape[-1])
+    if name == "torch" or _contract.runs_composition(query, key, value, attn_mask):
+        return None, "torch", shape
+    _check_backend(name, query, value, attn_mask, cap)
     rng = None
     if dropout_p > 0:  # seed and offset from torch's default CPU generator
         rng = torch.randint(0, 2**62, (2,), dtype=torch.int64)
-    inputs = (_to4d(query, hq), _to4d(key, hk), _to4d(value, hk),
-              _mask4d(attn_mask, query, key, hq), scale, bool(is_causal), left, right, cap,
-              float(dropout_p), rng)
+    q4, scale = _triton_scaled_query(name, _to4d(query, lead, hq), scale)
+    inputs = (q4, _to4d(key, lead, hkv), _to4d(value, lead, hkv),
+              _mask4d(attn_mask, query, lead, key.shape[-2], hq), scale, bool(is_causal),
+              left, right, cap, float(dropout_p), rng)
     return inputs, name, shape
 
 
@@ -347,12 +370,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """torch.nn.functional.scaled_dot_product_attention, flash-style: tiled, online softmax,
     O(L + S) memory per head, the backward recomputing the scores.
 
-    Beyond PyTorch: ``window=(left, right)`` sliding-window attention (query i attends key j
-    iff i - left <= j <= i + right; None on a side is unbounded), combined with any mask and
-    is_causal; ``softcap`` computes on softcap * tanh(scores / softcap) (scaled scores,
-    before the mask). Rows with nothing to attend to return 0 and pass zero gradient.
-    Dropout draws a fresh mask per call from torch's default generator (reproducible under
-    torch.manual_seed); the backward reuses the forward's mask.
+    Leading dims broadcast as in PyTorch. Beyond PyTorch: ``window=(left, right)``
+    sliding-window attention (query i attends key j iff i - left <= j <= i + right; None
+    on a side is unbounded), combined with any mask and is_causal; ``softcap`` computes on
+    softcap * tanh(scores / softcap) (scaled scores, before the mask). Rows with nothing to
+    attend to return 0 and pass zero gradient. Dropout draws a fresh mask per call from
+    torch's default generator (reproducible under torch.manual_seed); the backward reuses
+    the forward's mask.
     """
     query, key, value, attn_mask = autocast_operands(query, key, value, attn_mask)
     inputs, name, shape = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale,

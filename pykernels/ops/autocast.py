@@ -14,13 +14,16 @@ back to the float32 leaves in their own dtype.
 import torch
 
 _ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia", "maia")
 
 
 def autocast_operands(*tensors):
     """``tensors`` cast to the autocast dtype of their device where autocast is on there
     (None and non-tensors pass through unchanged, for the argument checks to report)."""
     first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
-    if first is None or not torch.is_autocast_enabled(first.device.type):
+    # meta (and other device types without an autocast mode) have nothing to cast
+    if first is None or first.device.type not in _AUTOCAST_DEVICE_TYPES \
+            or not torch.is_autocast_enabled(first.device.type):
         return tensors
     dtype = torch.get_autocast_dtype(first.device.type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _ELIGIBLE else t

@@ -39,16 +39,16 @@ With reduction='none' the per-row grad_output is only known in the backward, so 
 forward computes the loss alone and the backward recomputes the chunks.
 """
 
-import numbers
-
 import torch
 from torch import Tensor
 
 from .. import reference
 from ..backends import extension, resolve
+from . import _checks, _contract
 from .autocast import autocast_operands
 
-_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+_REDUCTION_NAMES = ("none", "mean", "sum")
+_REDUCTIONS = {name: i for i, name in enumerate(_REDUCTION_NAMES)}
 _NONE, _MEAN, _SUM = 0, 1, 2
 _EMPTY = (0,)
 
@@ -122,7 +122,10 @@ def _row_scale(reduction, target, weight, ignore_index, acc):
 
 def _reduce(loss_rows, reduction, target, weight, ignore_index, shape, dtype):
     if reduction == _NONE:
-        return loss_rows.view(shape).to(dtype)
+        # A view of the row buffer would be an output autograd treats as a view, so that
+        # in-place changes to the loss (``loss *= w``) would raise: copy the N values.
+        loss = loss_rows.view(shape)
+        return loss.to(dtype) if loss.dtype != dtype else loss.clone()
     total = loss_rows.sum()
     if reduction == _MEAN:
         total = _mean(total, target, weight, ignore_index)
@@ -196,30 +199,103 @@ def _(grad, grad_output, backend):
     return None
 
 
-def _save_grad(ctx, grad, backend):
-    ctx.save_for_backward(grad)
-    ctx.backend = backend
+@torch.library.custom_op("pykernels::cross_entropy_backward", mutates_args=())
+def cross_entropy_backward(
+    grad_loss: Tensor,
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    reduction: int,
+    backend: str,
+) -> Tensor:
+    """dloss/dinput * grad_loss, from the logits: the row kernel again, writing
+    scale * dloss/dlogits with scale = grad_loss (one value, or one per row for 'none')
+    times 1 / the mean's denominator."""
+    rows_kernel, _ = _kernels(backend)
+    acc = _acc_dtype(input.dtype)
+    logits = _view3d(input)
+    rows_target = _view3d(target) if target.is_floating_point() else target.reshape(-1)
+    scale = _row_scale(reduction, target, weight, ignore_index, acc) \
+        * grad_loss.to(acc).reshape(-1)
+    grad = torch.empty(logits.shape, dtype=input.dtype, device=input.device)
+    class_weight = None if weight is None else weight.to(acc).contiguous()
+    rows_kernel(logits, rows_target.contiguous(), class_weight, ignore_index, label_smoothing,
+                z_loss, softcap, grad, scale.contiguous())
+    return grad.view(input.shape)
 
 
-def _scaled_saved_grad(ctx, grad_output):
-    """The forward's gradient times grad_output, scaled in place (see the module notes)."""
-    (grad,) = ctx.saved_tensors
-    torch.ops.pykernels.cross_entropy_scale_grad_(grad, grad_output, ctx.backend)
-    return grad
+@cross_entropy_backward.register_fake
+def _(grad_loss, input, target, weight, ignore_index, label_smoothing, z_loss, softcap,
+      reduction, backend):
+    return input.new_empty(input.shape)
+
+
+def _scaled_in_place(grads, grad_loss, backend):
+    """inplace_backward: the forward's gradients times grad_loss, scaled where they lie."""
+    for g in grads:
+        torch.ops.pykernels.cross_entropy_scale_grad_(g, grad_loss, backend)
+    return grads
 
 
 def _ce_setup_context(ctx, inputs, output):
-    _save_grad(ctx, output[1], inputs[-1])
+    (input, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction,
+     compute_grad, backend) = inputs
+    ctx.inplace = compute_grad  # the forward wrote the gradient: inplace_backward
+    ctx.options = (ignore_index, label_smoothing, z_loss, softcap, reduction)
+    ctx.backend = backend
+    # The default keeps the logits (as eager keeps its log-softmax) and computes the
+    # gradient in the backward; inplace_backward keeps only the forward's gradient, unless
+    # a probability target needs the logits for its own gradient.
+    keeps_input = not ctx.inplace or target.requires_grad
+    ctx.save_for_backward(input if keeps_input else None, target, weight,
+                          output[1] if ctx.inplace else None)
     ctx.mark_non_differentiable(output[1])
     # The gradient output never receives a gradient: without this, autograd would fill an
     # input-sized tensor of zeros for it on every backward.
     ctx.set_materialize_grads(False)
 
 
+def _ce_composition(options, weight):
+    """The plain-PyTorch cross_entropy of (input, target) with the op's options."""
+    ignore_index, ls, z, cap, reduction = options
+    return lambda x, t: reference.cross_entropy(
+        x, t, weight, ignore_index, _REDUCTION_NAMES[reduction], ls, z, cap or None)
+
+
 def _ce_backward(ctx, grad_loss, grad_grad):
     if grad_loss is None:  # grads are not materialised (above): None means zero
         return (None,) * 10
-    return (_scaled_saved_grad(ctx, grad_loss),) + (None,) * 9
+    input, target, weight, saved_grad = ctx.saved_tensors
+    composition = _ce_composition(ctx.options, weight)
+    need_input, need_target = ctx.needs_input_grad[:2]
+    if _contract.graph_requested():
+        _no_graph_after_inplace(ctx, "cross_entropy")
+        grads = _contract.composition_grads(composition, (input, target),
+                                            (need_input, need_target), (grad_loss,))
+        return (*grads,) + (None,) * 8
+    grad_input = grad_target = None
+    if need_input and ctx.inplace:
+        (grad_input,) = _scaled_in_place((saved_grad,), grad_loss, ctx.backend)
+    elif need_input:
+        grad_input = torch.ops.pykernels.cross_entropy_backward(
+            grad_loss, input, target, weight, *ctx.options, ctx.backend)
+    if need_target:
+        _, grad_target = _contract.composition_grads(
+            composition, (input.detach(), target), (False, True), (grad_loss,),
+            create_graph=False)
+    return (grad_input, grad_target) + (None,) * 8
+
+
+def _no_graph_after_inplace(ctx, op):
+    if ctx.inplace:
+        raise RuntimeError(
+            f"pykernels.{op}(inplace_backward=True) keeps only its own first-order "
+            f"gradient, so no graph of the gradient can be built (create_graph=True): "
+            f"call it with inplace_backward=False")
 
 
 torch.library.register_autograd(
@@ -227,45 +303,24 @@ torch.library.register_autograd(
 )
 
 
-def _check_real(value, name, low, high=None, *, low_open=False):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
-    too_low = value <= low if low_open else value < low
-    if too_low or (high is not None and value > high) or value != value:
-        bound = f"({low}, inf)" if low_open else (f"[{low}, {high}]" if high is not None
-                                                   else f"[{low}, inf)")
-        raise ValueError(f"{name} must be in {bound}, got {value}")
-    return value
-
-
-def _check_common(reduction, label_smoothing, z_loss, softcap, ignore_index):
+def _check_common(reduction, label_smoothing, z_loss, softcap, ignore_index,
+                  inplace_backward):
     """Options shared by both functions; returns (reduction id, ls, z, softcap or 0)."""
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of none, mean, sum; got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    label_smoothing = _check_real(label_smoothing, "label_smoothing", 0.0, 1.0)
-    z_loss = _check_real(z_loss, "z_loss", 0.0)
-    if z_loss == float("inf"):
-        raise ValueError("z_loss must be finite")
-    softcap = 0.0 if softcap is None else _check_real(softcap, "softcap", 0.0, low_open=True)
+    _checks.choice(reduction, "reduction", _REDUCTION_NAMES)
+    _checks.integer(ignore_index, "ignore_index")
+    label_smoothing = _checks.real(label_smoothing, "label_smoothing", 0.0, 1.0)
+    z_loss = _checks.real(z_loss, "z_loss", 0.0, finite=True)
+    softcap = 0.0 if softcap is None else _checks.real(softcap, "softcap", 0.0,
+                                                       low_open=True)
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
     return _REDUCTIONS[reduction], label_smoothing, z_loss, softcap
-
-
-def _check_tensor(t, name, device, floating=True):
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if floating and not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but input is on {device}")
 
 
 def _check_target_and_weight(logits_shape, input, target, weight, target_name="target"):
     """target: int64 of logits_shape less the class dim, or probabilities of logits_shape
     in input's dtype; weight: (C,) floating."""
-    _check_tensor(target, target_name, input.device, floating=False)
+    _checks.tensor(target, target_name, floating=False, like=input, same_dtype=False)
     num_classes = logits_shape[0 if len(logits_shape) == 1 else 1]
     if target.is_floating_point():
         if tuple(target.shape) != tuple(logits_shape):
@@ -284,68 +339,25 @@ def _check_target_and_weight(logits_shape, input, target, weight, target_name="t
             raise ValueError(f"class-index {target_name} must have shape {want} for logits "
                              f"of shape {tuple(logits_shape)}, got {tuple(target.shape)}")
     if weight is not None:
-        _check_tensor(weight, "weight", input.device)
+        _checks.tensor(weight, "weight", like=input, same_dtype=False)
         if tuple(weight.shape) != (num_classes,):
             raise ValueError(f"weight must have shape ({num_classes},) (one per class), "
                              f"got {tuple(weight.shape)}")
 
 
-def _no_target_grad(target):
-    """The kernels differentiate the logits only; backend='torch' differentiates all."""
-    if target.is_floating_point() and target.requires_grad:
-        raise ValueError("gradients with respect to probability targets are not supported "
-                         "by the kernel backends: detach target, or use backend='torch'")
-
-
 def _check_ce_args(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                   softcap):
-    if not isinstance(input, Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    if not input.is_floating_point():
-        raise TypeError(f"input must be a floating-point tensor (logits), got {input.dtype}")
+                   softcap, inplace_backward):
+    _checks.tensor(input, "input")
     if input.dim() == 0 or input.shape[reference.class_dim(input)] == 0:
         raise ValueError(f"input must be (C,), (N, C) or (N, C, d1, ...) with C >= 1, got "
                          f"shape {tuple(input.shape)}")
-    options = _check_common(reduction, label_smoothing, z_loss, softcap, ignore_index)
+    options = _check_common(reduction, label_smoothing, z_loss, softcap, ignore_index,
+                            inplace_backward)
     _check_target_and_weight(input.shape, input, target, weight)
+    # PyTorch does not differentiate class weights either (it raises in the backward).
+    _checks.no_grad_for(weight, "weight", "cross_entropy",
+                        "gradients with respect to class weights are not supported")
     return options
-
-
-class CrossEntropyFunction(torch.autograd.Function):
-    """Fused cross-entropy as an autograd.Function over the registered ops.
-
-    ``CrossEntropyFunction.apply(input, target, weight, ignore_index, reduction,
-    label_smoothing, z_loss, softcap, backend)`` with the arguments of
-    :func:`cross_entropy`; ``backend`` names a kernel backend (cpu, cuda, triton) or is
-    None for the default selection.
-    """
-
-    @staticmethod
-    def forward(ctx, input, target, weight=None, ignore_index=-100, reduction="mean",
-                label_smoothing=0.0, z_loss=0.0, softcap=None, backend=None):
-        options = _check_ce_args(input, target, weight, ignore_index, reduction,
-                                 label_smoothing, z_loss, softcap)
-        _no_target_grad(target)
-        name = _kernel_backend(backend, input, "CrossEntropyFunction", "cross_entropy")
-        red, ls, z, cap = options
-        loss, grad = torch.ops.pykernels.cross_entropy_forward(
-            input, target, weight, ignore_index, ls, z, cap, red, ctx.needs_input_grad[0],
-            name)
-        _save_grad(ctx, grad, name)
-        ctx.mark_non_differentiable(grad)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        return (_scaled_saved_grad(ctx, grad_loss),) + (None,) * 8
-
-
-def _kernel_backend(backend, input, cls, fn):
-    name = resolve(backend, input.device, input.dtype)
-    if name == "torch":
-        raise ValueError(f"{cls} runs kernel backends; for backend='torch' call "
-                         f"pykernels.reference.{fn}")
-    return name
 
 
 def _wants_grad(*tensors):
@@ -353,29 +365,36 @@ def _wants_grad(*tensors):
 
 
 def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="mean",
-                  label_smoothing=0.0, z_loss=0.0, softcap=None, backend=None):
+                  label_smoothing=0.0, z_loss=0.0, softcap=None, inplace_backward=False,
+                  backend=None):
     """torch.nn.functional.cross_entropy, fused: one pass over the logits per row.
 
     Args:
         input: logits (C,), (N, C) or (N, C, d1, ...), any float dtype the backend takes.
         target: int64 class indices of shape (), (N,) or (N, d1, ...), or class
-            probabilities of the input's shape and dtype.
+            probabilities of the input's shape and dtype (differentiable).
         weight: (C,) class weights, or None.
         ignore_index, reduction, label_smoothing: as in PyTorch (same 'mean' divisor,
             same result when every target is ignored).
         z_loss: adds z_loss * logsumexp(logits)**2 to each non-ignored row's loss.
         softcap: computes on softcap * tanh(logits / softcap) when given (> 0).
+        inplace_backward: False (default): PyTorch's autograd contract; the logits are kept
+            for the backward, which runs the row kernel once more to write the gradient.
+            True: the forward writes the gradient in the same pass as the loss and keeps
+            only it (the logits can be freed), and the backward scales it in place; a
+            second backward through the same graph then raises (autograd's "modified by an
+            inplace operation"), and create_graph=True raises.
         backend: cpu, cuda, triton, torch or auto (see pykernels.backends).
     """
     red, ls, z, cap = _check_ce_args(input, target, weight, ignore_index, reduction,
-                                     label_smoothing, z_loss, softcap)
+                                     label_smoothing, z_loss, softcap, inplace_backward)
     name = resolve(backend, input.device, input.dtype)
-    if name == "torch":
+    if name == "torch" or _contract.runs_composition(input, target):
         return reference.cross_entropy(input, target, weight, ignore_index, reduction,
                                        label_smoothing, z_loss, softcap)
-    _no_target_grad(target)
     loss, _ = torch.ops.pykernels.cross_entropy_forward(
-        input, target, weight, ignore_index, ls, z, cap, red, _wants_grad(input), name)
+        input, target, weight, ignore_index, ls, z, cap, red,
+        inplace_backward and _wants_grad(input), name)
     return loss
 
 
@@ -424,7 +443,10 @@ def _lce_chunks(input, linear_weight, target, linear_bias, weight, ignore_index,
     grad_input = grad_weight = grad_bias = None
     if grads:
         grad_input = torch.empty(input.shape, dtype=input.dtype, device=input.device)
-        grad_weight = torch.zeros_like(linear_weight)
+        # contiguous whatever linear_weight's strides (e.g. a transposed view): the
+        # in-place scaling views it flat
+        grad_weight = torch.zeros(linear_weight.shape, dtype=linear_weight.dtype,
+                                  device=linear_weight.device)
         if linear_bias is not None:
             grad_bias = torch.zeros(num_classes, dtype=acc, device=input.device)
     weight_t = linear_weight.t()
@@ -466,6 +488,7 @@ def linear_cross_entropy_forward(
     reduction: int,
     chunk_size: int,
     compute_grad: bool,
+    inplace_backward: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     acc = _acc_dtype(input.dtype)
@@ -480,7 +503,7 @@ def linear_cross_entropy_forward(
 
 @linear_cross_entropy_forward.register_fake
 def _(input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing,
-      z_loss, softcap, reduction, chunk_size, compute_grad, backend):
+      z_loss, softcap, reduction, chunk_size, compute_grad, inplace_backward, backend):
     loss = input.new_empty(input.shape[:1] if reduction == _NONE else ())
     if not compute_grad:
         return loss, input.new_empty(_EMPTY), input.new_empty(_EMPTY), input.new_empty(_EMPTY)
@@ -519,44 +542,60 @@ def _(grad_loss, input, linear_weight, target, linear_bias, weight, ignore_index
             input.new_empty(bias_shape))
 
 
-def _lce_save(ctx, inputs, output):
+def _lce_setup_context(ctx, inputs, output):
     (input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing, z_loss,
-     softcap, reduction, chunk_size, compute_grad, backend) = inputs
+     softcap, reduction, chunk_size, compute_grad, inplace_backward, backend) = inputs
     ctx.reduction = reduction
+    ctx.inplace = inplace_backward
     ctx.has_bias = linear_bias is not None
     ctx.backend = backend
-    if reduction == _NONE:
-        ctx.save_for_backward(input, linear_weight, target, linear_bias, weight)
-        ctx.options = (ignore_index, label_smoothing, z_loss, softcap, chunk_size)
-    else:
-        ctx.save_for_backward(*output[1:])
-
-
-def _lce_grads(ctx, grad_loss):
-    """(grad_input, grad_linear_weight, grad_linear_bias or None)."""
-    if ctx.reduction == _NONE:
-        input, linear_weight, target, linear_bias, weight = ctx.saved_tensors
-        grads = torch.ops.pykernels.linear_cross_entropy_backward(
-            grad_loss, input, linear_weight, target, linear_bias, weight, *ctx.options,
-            ctx.backend)
-    else:
-        grads = ctx.saved_tensors
-        for g in grads:
-            torch.ops.pykernels.cross_entropy_scale_grad_(g, grad_loss, ctx.backend)
-    return grads[0], grads[1], grads[2] if ctx.has_bias else None
-
-
-def _lce_setup_context(ctx, inputs, output):
-    _lce_save(ctx, inputs, output)
+    ctx.options = (ignore_index, label_smoothing, z_loss, softcap, chunk_size)
+    # The operands are kept (they are alive anyway: a parameter and the hidden states) for
+    # the 'none' recompute, a graph of the gradient and a probability target's gradient;
+    # inplace_backward keeps only the forward's gradients where it can.
+    keeps_operands = reduction == _NONE or not ctx.inplace or target.requires_grad
+    operands = (input, linear_weight, target, linear_bias, weight) if keeps_operands \
+        else (None,) * 5
+    forward_grads = output[1:] if reduction != _NONE else (None,) * 3
+    ctx.save_for_backward(*operands, *forward_grads)
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the gradient outputs
 
 
+def _lce_composition(ctx, weight):
+    """The plain-PyTorch linear_cross_entropy of (input, linear_weight, target, bias)."""
+    ignore_index, ls, z, cap, _ = ctx.options
+    return lambda x, w, t, b: reference.linear_cross_entropy(
+        x, w, t, b, weight, _REDUCTION_NAMES[ctx.reduction], ignore_index, ls, z, cap or None)
+
+
 def _lce_backward(ctx, grad_loss, *unused):
     if grad_loss is None:  # grads are not materialised (above): None means zero
-        return (None,) * 13
-    gi, gw, gb = _lce_grads(ctx, grad_loss)
-    return (gi, gw, None, gb) + (None,) * 9
+        return (None,) * 14
+    input, linear_weight, target, linear_bias, weight, *forward_grads = ctx.saved_tensors
+    need_input, need_weight, need_target, need_bias = ctx.needs_input_grad[:4]
+    operands = (input, linear_weight, target, linear_bias)
+    if _contract.graph_requested():
+        _no_graph_after_inplace(ctx, "linear_cross_entropy")
+        grads = _contract.composition_grads(_lce_composition(ctx, weight), operands,
+                                            ctx.needs_input_grad[:4], (grad_loss,))
+        return (*grads,) + (None,) * 10
+    if ctx.reduction == _NONE:
+        gi, gw, gb = torch.ops.pykernels.linear_cross_entropy_backward(
+            grad_loss, input, linear_weight, target, linear_bias, weight, *ctx.options,
+            ctx.backend)
+    elif ctx.inplace:
+        gi, gw, gb = _scaled_in_place(forward_grads, grad_loss, ctx.backend)
+    else:  # scaled into new tensors: the saved gradients stay as the forward wrote them
+        gi, gw, gb = (g * grad_loss for g in forward_grads)
+    grad_target = None
+    if need_target:
+        detached = tuple(None if t is None else t.detach() for t in operands)
+        grad_target = _contract.composition_grads(
+            _lce_composition(ctx, weight), (*detached[:2], target, detached[3]),
+            (False, False, True, False), (grad_loss,), create_graph=False)[2]
+    return (gi if need_input else None, gw if need_weight else None, grad_target,
+            gb if ctx.has_bias and need_bias else None) + (None,) * 10
 
 
 torch.library.register_autograd(
@@ -565,11 +604,9 @@ torch.library.register_autograd(
 
 
 def _check_lce_args(input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
-                    label_smoothing, z_loss, softcap, chunk_size):
-    if not isinstance(input, Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    _check_tensor(input, "input", input.device)
-    _check_tensor(linear_weight, "linear_weight", input.device)
+                    label_smoothing, z_loss, softcap, chunk_size, inplace_backward):
+    _checks.tensor(input, "input")
+    _checks.tensor(linear_weight, "linear_weight", like=input)
     if linear_weight.dim() != 2 or linear_weight.shape[0] == 0:
         raise ValueError(f"linear_weight must be 2-D (num_classes >= 1, in_features), got "
                          f"shape {tuple(linear_weight.shape)}")
@@ -577,106 +614,62 @@ def _check_lce_args(input, linear_weight, target, linear_bias, weight, ignore_in
         raise ValueError(f"input must be (N, in_features) or (in_features,) with in_features "
                          f"= linear_weight.shape[1] = {linear_weight.shape[1]}, got shape "
                          f"{tuple(input.shape)}")
-    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
-        if t is not None and t.dtype != input.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but input has dtype {input.dtype}")
     if linear_bias is not None:
-        _check_tensor(linear_bias, "linear_bias", input.device)
+        _checks.tensor(linear_bias, "linear_bias", like=input)
         if tuple(linear_bias.shape) != (linear_weight.shape[0],):
             raise ValueError(f"linear_bias must have shape ({linear_weight.shape[0]},), got "
                              f"{tuple(linear_bias.shape)}")
-    if chunk_size is not None and (isinstance(chunk_size, bool)
-                                   or not isinstance(chunk_size, numbers.Integral)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    options = _check_common(reduction, label_smoothing, z_loss, softcap, ignore_index)
+    if chunk_size is not None:
+        _checks.integer(chunk_size, "chunk_size", low=1)
+    options = _check_common(reduction, label_smoothing, z_loss, softcap, ignore_index,
+                            inplace_backward)
     _check_target_and_weight(input.shape[:-1] + linear_weight.shape[:1], input, target, weight)
+    _checks.no_grad_for(weight, "weight", "linear_cross_entropy",
+                        "gradients with respect to class weights are not supported")
     return options
 
 
 def _lce_rows(input, target, linear_weight, chunk_size):
     """(input as (N, H), target as (N,) or (N, C), rows per chunk): a 1-D input is one row."""
     rows = input.view(1, -1) if input.dim() == 1 else input
-    rows_target = target.reshape(rows.shape[0], -1) if target.is_floating_point() \
-        else target.reshape(-1)
+    rows_target = (target.reshape(rows.shape[0], linear_weight.shape[0])
+                   if target.is_floating_point() else target.reshape(-1))
     if chunk_size is None:
         chunk_size = default_chunk_size(rows.shape[0], rows.shape[1], linear_weight.shape[0],
                                         rows.device.type)
     return rows, rows_target, chunk_size
 
 
-def _lce_op_inputs(input, linear_weight, target, linear_bias, weight, ignore_index, options,
-                   chunk_size, compute_grad, backend):
-    """The arguments of pykernels::linear_cross_entropy_forward, in order."""
-    red, ls, z, cap = options
-    rows, rows_target, chunk = _lce_rows(input, target, linear_weight, chunk_size)
-    return (rows, linear_weight, rows_target, linear_bias, weight, ignore_index, ls, z, cap, red,
-            chunk, compute_grad, backend)
-
-
-def _lce_loss(loss, input, reduction):
-    """reduction='none' of a 1-D input is a 0-d loss."""
-    return loss.view(()) if reduction == _NONE and input.dim() == 1 else loss
-
-
-class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Fused linear + cross-entropy as an autograd.Function over the registered ops.
-
-    ``LinearCrossEntropyFunction.apply(input, linear_weight, target, linear_bias, weight,
-    reduction, ignore_index, label_smoothing, z_loss, softcap, chunk_size, backend)`` with
-    the arguments of :func:`linear_cross_entropy`.
-    """
-
-    @staticmethod
-    def forward(ctx, input, linear_weight, target, linear_bias=None, weight=None,
-                reduction="mean", ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
-                softcap=None, chunk_size=None, backend=None):
-        options = _check_lce_args(input, linear_weight, target, linear_bias, weight,
-                                  ignore_index, reduction, label_smoothing, z_loss, softcap,
-                                  chunk_size)
-        _no_target_grad(target)
-        name = _kernel_backend(backend, input, "LinearCrossEntropyFunction",
-                               "linear_cross_entropy")
-        wants = any(ctx.needs_input_grad[i] for i in (0, 1, 3))
-        inputs = _lce_op_inputs(input, linear_weight, target, linear_bias, weight, ignore_index,
-                                options, chunk_size, wants and options[0] != _NONE, name)
-        out = torch.ops.pykernels.linear_cross_entropy_forward(*inputs)
-        _lce_save(ctx, inputs, out)
-        ctx.mark_non_differentiable(*out[1:])
-        ctx.input_shape = input.shape
-        return _lce_loss(out[0], input, options[0])
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        if ctx.reduction == _NONE:
-            grad_loss = grad_loss.reshape(-1)
-        gi, gw, gb = _lce_grads(ctx, grad_loss)
-        return (gi.view(ctx.input_shape), gw, None, gb) + (None,) * 8
-
-
 def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,
                          reduction="mean", ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
-                         softcap=None, chunk_size=None, backend=None):
+                         softcap=None, chunk_size=None, inplace_backward=False, backend=None):
     """cross_entropy(input @ linear_weight.T + linear_bias, target, ...) without ever
     materialising the (N, num_classes) logits: rows go through in chunks of ``chunk_size``
     (default :func:`default_chunk_size`), so peak extra memory is one chunk of logits.
 
     Same signature and result as torch.nn.functional.linear_cross_entropy (torch >= 2.13),
-    plus z_loss, softcap (see :func:`cross_entropy`), chunk_size and backend. input is
-    (N, in_features) or (in_features,); target int64 (N,) / () or probabilities (N, C) / (C,).
+    plus z_loss, softcap (see :func:`cross_entropy`), chunk_size, inplace_backward and
+    backend. input is (N, in_features) or (in_features,); target int64 (N,) / () or
+    probabilities (N, C) / (C,). With 'mean' or 'sum' the forward computes the gradients
+    chunk by chunk and keeps them; the backward returns them times grad_output as new
+    tensors (default), or scales them in place with ``inplace_backward=True`` (no second
+    copy of the weight-sized gradient; a second backward through the same graph then
+    raises, and so does create_graph=True).
     """
     input, linear_weight, linear_bias = autocast_operands(input, linear_weight, linear_bias)
-    options = _check_lce_args(input, linear_weight, target, linear_bias, weight, ignore_index,
-                              reduction, label_smoothing, z_loss, softcap, chunk_size)
+    red, ls, z, cap = _check_lce_args(input, linear_weight, target, linear_bias, weight,
+                                      ignore_index, reduction, label_smoothing, z_loss,
+                                      softcap, chunk_size, inplace_backward)
     name = resolve(backend, input.device, input.dtype)
-    if name == "torch":
+    if name == "torch" or _contract.runs_composition(input, linear_weight, target,
+                                                      linear_bias):
         return reference.linear_cross_entropy(input, linear_weight, target, linear_bias,
                                               weight, reduction, ignore_index,
                                               label_smoothing, z_loss, softcap)
-    _no_target_grad(target)
+    rows, rows_target, chunk = _lce_rows(input, target, linear_weight, chunk_size)
     # With reduction='none' the backward recomputes (grad_output is per row).
-    compute_grad = options[0] != _NONE and _wants_grad(input, linear_weight, linear_bias)
-    out = torch.ops.pykernels.linear_cross_entropy_forward(*_lce_op_inputs(
-        input, linear_weight, target, linear_bias, weight, ignore_index, options, chunk_size,
-        compute_grad, name))
-    return _lce_loss(out[0], input, options[0])
+    compute_grad = red != _NONE and _wants_grad(input, linear_weight, linear_bias)
+    loss, *_ = torch.ops.pykernels.linear_cross_entropy_forward(
+        rows, linear_weight, rows_target, linear_bias, weight, ignore_index, ls, z, cap, red,
+        chunk, compute_grad, inplace_backward, name)
+    return loss.view(()) if red == _NONE and input.dim() == 1 else loss

@@ -10,21 +10,26 @@ break) and ``opcheck`` see one opaque node each:
                                  need_input_grad, need_weight_grad, backend)
       -> (grad_input, grad_weight, grad_bias)
 
-The forward saves the output y when act'(z) is a function of y (relu, sigmoid, tanh,
-leaky_relu with slope >= 0: y is kept alive by the next layer anyway, so this costs no
-memory), and the pre-activation z otherwise (gelu, gelu_tanh, silu). The backward forms
-dz = dy * act'(saved) and the bias gradient sum_rows(dz) in one fused pass, then
-grad_input = dz @ weight and grad_weight = dz^T @ input.
-"""
+The public function calls the forward op; its backward is registered with
+torch.library.register_autograd (the one route of every family: pykernels/ops/_contract.py).
 
-import numbers
+What the backward keeps is what the torch composition keeps, so in-place changes to the
+output behave as they do there: the output y for relu, sigmoid and tanh (act'(z) is a
+function of y, and torch's own backward of these saves y too: y is kept alive by the next
+layer anyway, so this costs no memory), the pre-activation z for gelu, gelu_tanh, silu and
+leaky_relu (torch saves their input), nothing for "none". The backward forms
+dz = dy * act'(saved) and the bias gradient sum_rows(dz) in one fused pass, then
+grad_input = dz @ weight and grad_weight = dz^T @ input. When a graph of the gradient is
+requested (create_graph=True) it differentiates the composition instead (second order).
+"""
 
 import torch
 from torch import Tensor
 
 from .. import reference
-from ..activations import activation_id, grad_from_output
+from ..activations import ACTIVATIONS, activation_id
 from ..backends import extension, resolve
+from . import _checks, _contract
 from .autocast import autocast_operands
 
 _EMPTY_SHAPE = (0,)
@@ -91,38 +96,47 @@ def _(grad_out, input, weight, saved, activation, negative_slope, saved_is_outpu
             maybe(weight.shape[:1], has_bias))
 
 
-def _save(ctx, input, weight, bias, activation, negative_slope, save_preact, backend, out,
-          preact):
-    """What the backward keeps: input, weight, and y or z (see the module docstring)."""
-    ctx.save_for_backward(input, weight, preact if save_preact else out)
-    ctx.activation = activation
-    ctx.negative_slope = negative_slope
-    ctx.saved_is_output = not save_preact
-    ctx.has_bias = bias is not None
-    ctx.backend = backend
-
-
-def _grads(ctx, grad_out, needs_input_grad):
-    """(grad_input, grad_weight, grad_bias) for 2-D grad_out; None where not needed."""
-    input, weight, saved = ctx.saved_tensors
-    need_input, need_weight, need_bias = needs_input_grad
-    grad_input, grad_weight, grad_bias = torch.ops.pykernels.linear_act_backward(
-        grad_out, input, weight, saved, ctx.activation, ctx.negative_slope,
-        ctx.saved_is_output, ctx.has_bias and need_bias, need_input, need_weight, ctx.backend)
-    return (grad_input if need_input else None, grad_weight if need_weight else None,
-            grad_bias if ctx.has_bias and need_bias else None)
+# Activations whose backward keeps the output y (see the module docstring).
+_KEEPS_OUTPUT = ("relu", "sigmoid", "tanh")
 
 
 def _setup_context(ctx, inputs, output):
-    _save(ctx, *inputs, *output)
-    ctx.mark_non_differentiable(output[1])  # preact is internal: it never gets a gradient
+    input, weight, bias, activation, negative_slope, save_preact, backend = inputs
+    out, preact = output
+    # The op is consistent for any save_preact its caller passes; linear_act passes the
+    # choice of the module docstring.
+    ctx.keeps_output = not save_preact and ACTIVATIONS[activation] != "none"
+    saved = preact if save_preact else (out if ctx.keeps_output else None)
+    ctx.save_for_backward(input, weight, bias, saved)
+    ctx.options = (activation, negative_slope)
+    ctx.backend = backend
+    ctx.mark_non_differentiable(preact)  # preact is internal: it never gets a gradient
     ctx.set_materialize_grads(False)  # so autograd must not fill an (M, N) zeros for it
+
+
+def _composition(input, weight, bias, activation, negative_slope):
+    return reference.linear_act(input, weight, bias, ACTIVATIONS[activation], negative_slope)
 
 
 def _backward(ctx, grad_out, grad_preact):
     if grad_out is None:  # grads are not materialised (above): None means zero
         return (None,) * 7
-    return (*_grads(ctx, grad_out, ctx.needs_input_grad[:3]), None, None, None, None)
+    input, weight, bias, saved = ctx.saved_tensors
+    activation, negative_slope = ctx.options
+    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    if _contract.graph_requested():
+        grads = _contract.composition_grads(
+            lambda x, w, b: _composition(x, w, b, activation, negative_slope),
+            (input, weight, bias), (need_input, need_weight, need_bias), (grad_out,))
+        return (*grads, None, None, None, None)
+    need_bias = need_bias and bias is not None
+    if saved is None:  # no activation: the kernels read dy in its place
+        saved = grad_out.new_empty(_EMPTY_SHAPE)
+    grad_input, grad_weight, grad_bias = torch.ops.pykernels.linear_act_backward(
+        grad_out, input, weight, saved, activation, negative_slope, ctx.keeps_output,
+        need_bias, need_input, need_weight, ctx.backend)
+    return (grad_input if need_input else None, grad_weight if need_weight else None,
+            grad_bias if need_bias else None, None, None, None, None)
 
 
 torch.library.register_autograd(
@@ -132,20 +146,10 @@ torch.library.register_autograd(
 
 def _check_args(input, weight, bias, activation, negative_slope):
     """Validate the public arguments; returns the activation id. Errors name the argument."""
-    for name, t in (("input", input), ("weight", weight), ("bias", bias)):
-        if t is None and name == "bias":
-            continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if t.dtype != input.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but input has dtype {input.dtype}")
-        if t.device != input.device:
-            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+    _checks.tensor(input, "input")
+    _checks.tensor(weight, "weight", like=input)
+    if bias is not None:
+        _checks.tensor(bias, "bias", like=input)
     if weight.dim() != 2:
         raise ValueError(
             f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
@@ -157,48 +161,13 @@ def _check_args(input, weight, bias, activation, negative_slope):
         raise ValueError(
             f"bias must have shape ({weight.shape[0]},) (out_features), "
             f"got {tuple(bias.shape)}")
-    if isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real):
-        raise TypeError(f"negative_slope must be a real number, got {negative_slope!r}")
+    _checks.real(negative_slope, "negative_slope")
     return activation_id(activation)
 
 
 def _rows(t):
     """``t`` as a 2-D (rows, last dim) tensor; explicit sizes, as -1 fails for 0 columns."""
     return t.reshape(t.shape[:-1].numel(), t.shape[-1])
-
-
-class LinearActFunction(torch.autograd.Function):
-    """``act(input @ weight.T + bias)`` as an autograd.Function over the registered ops.
-
-    ``LinearActFunction.apply(input, weight, bias, activation, negative_slope, backend)``
-    with the arguments of :func:`linear_act`; ``backend`` must name a kernel backend
-    (cpu, cuda, triton) or be None for the default selection.
-    """
-
-    @staticmethod
-    def forward(ctx, input, weight, bias=None, activation="none", negative_slope=0.01,
-                backend=None):
-        act = _check_args(input, weight, bias, activation, negative_slope)
-        name = resolve(backend, input.device, input.dtype)
-        if name == "torch":
-            raise ValueError("LinearActFunction runs kernel backends; for backend='torch' "
-                             "call pykernels.reference.linear_act")
-        save_preact = not grad_from_output(activation, negative_slope)
-        input2d = _rows(input)
-        out, preact = torch.ops.pykernels.linear_act_forward(
-            input2d, weight, bias, act, float(negative_slope), save_preact, name)
-        _save(ctx, input2d, weight, bias, act, float(negative_slope), save_preact, name, out,
-              preact)
-        ctx.input_shape = input.shape
-        return out.view(*input.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_input, grad_weight, grad_bias = _grads(
-            ctx, _rows(grad_out), ctx.needs_input_grad[:3])
-        if grad_input is not None:
-            grad_input = grad_input.view(ctx.input_shape)
-        return grad_input, grad_weight, grad_bias, None, None, None
 
 
 def linear_act(input, weight, bias=None, activation="none", *, negative_slope=0.01,
@@ -215,8 +184,12 @@ def linear_act(input, weight, bias=None, activation="none", *, negative_slope=0.
         backend: cpu, cuda, triton, torch or auto (see pykernels.backends).
     """
     input, weight, bias = autocast_operands(input, weight, bias)
-    _check_args(input, weight, bias, activation, negative_slope)
+    act = _check_args(input, weight, bias, activation, negative_slope)
+    negative_slope = float(negative_slope)
     name = resolve(backend, input.device, input.dtype)
-    if name == "torch":
+    if name == "torch" or _contract.runs_composition(input, weight, bias):
         return reference.linear_act(input, weight, bias, activation, negative_slope)
-    return LinearActFunction.apply(input, weight, bias, activation, negative_slope, name)
+    save_preact = activation not in ("none",) + _KEEPS_OUTPUT
+    out, _ = torch.ops.pykernels.linear_act_forward(
+        _rows(input), weight, bias, act, negative_slope, save_preact, name)
+    return out.view(*input.shape[:-1], weight.shape[0])

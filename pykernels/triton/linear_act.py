@@ -1,7 +1,7 @@
 """Fused linear + activation in Triton.
 
 Forward:   z = x @ W^T + b,   y = act(z)
-Backward:  dZ = dY * act'(S), S = y or z (see activations.grad_from_output)
+Backward:  dZ = dY * act'(S), S = y or z (see pykernels/ops/linear_act.py)
            dX = dZ @ W,   dW = dZ^T @ X,   db[n] = sum_m dZ[m, n]
 
 Every product runs through one GEMM kernel, c = act(a @ b + bias), which takes arbitrary
@@ -159,6 +159,23 @@ def _activation_backward(dy, s, ACTIVATION: tl.constexpr, SAVED_IS_OUTPUT: tl.co
     return dz
 
 
+@triton.jit
+def _tile_rows_cols(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(rows, cols): the int64 indices of this program's (BLOCK_M, BLOCK_N) tile of an (M, N)
+    product, in grouped order: GROUP_M row tiles in a row use each column tile of b while it
+    is in L2. int64, so tensors past 2^31 elements stay addressable."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_per_group) % group_rows
+    pid_n = (pid % pids_per_group) // group_rows
+    return (pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M),
+            pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N))
+
+
 def _gemm_configs():
     if os.environ.get("TRITON_INTERPRET") == "1":
         # CPU tensors under the interpreter: one small tile keeps it fast and skips autotuning.
@@ -166,13 +183,17 @@ def _gemm_configs():
             triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8},
                           num_warps=4, num_stages=3)
         ]
-    # H100 candidates (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps). The autotuner skips
-    # any that run out of shared memory for the dtype (e.g. the largest ones for float32).
+    # H100 candidates (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps), most preferred
+    # first; _fitting_configs drops those a dtype cannot use. Registers and spills of each
+    # are in CI's table (scripts/triton_aot.py). 128x256 and 256x128 spill 60-504 bytes in
+    # 16-bit, only with the exp/erf epilogues (gelu, gelu_tanh, silu, sigmoid, tanh), which
+    # run once per output tile after the main loop: kept as the large tiles that keep the
+    # tensor cores busiest; a 128x128x32 4-warp tile spilled the same way and is gone
+    # (128x128x64 with 8 warps holds the same tile without spilling).
     shapes = [
         (128, 256, 64, 3, 8),
         (256, 128, 64, 3, 8),
         (128, 128, 64, 4, 8),
-        (128, 128, 32, 4, 4),
         (128, 64, 64, 4, 4),
         (64, 128, 64, 4, 4),
         (64, 64, 64, 4, 4),
@@ -185,8 +206,37 @@ def _gemm_configs():
     ]
 
 
+# Exact float32 (input_precision "ieee") multiplies on CUDA cores, with the accumulator in
+# registers: past 64 fp32 values per thread the GEMM spills kilobytes (CI's table).
+_IEEE_MAX_ACC_PER_THREAD = 64
+
+
+def _fitting_configs(configs, named_args, **kwargs):
+    """The autotuner's early prune: the configs this GEMM can run on this device.
+
+    Drops those whose pipelined tiles (num_stages copies of the BLOCK_M x BLOCK_K and
+    BLOCK_K x BLOCK_N operand tiles, an upper bound on Triton's shared memory here) exceed
+    the device's shared memory per block, and, for exact float32, those with too many
+    accumulators per thread. With PYKERNELS_TRITON_AUTOTUNE=0 only the first that remains
+    runs: one known-good config per dtype, nothing to autotune (a first contact with a GPU).
+    """
+    a = named_args["a_ptr"]
+    limit = torch.cuda.get_device_properties(a.device).shared_memory_per_block_optin
+    exact_fp32 = a.dtype == torch.float32 and kwargs["INPUT_PRECISION"] == "ieee"
+
+    def fits(c):
+        m, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        if exact_fp32 and m * n > _IEEE_MAX_ACC_PER_THREAD * 32 * c.num_warps:
+            return False
+        return c.num_stages * (m + n) * k * a.element_size() <= limit
+
+    kept = [c for c in configs if fits(c)] or configs[-1:]
+    return kept if os.environ.get("PYKERNELS_TRITON_AUTOTUNE", "1") != "0" else kept[:1]
+
+
 @triton.autotune(configs=_gemm_configs(),
-                 key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "INPUT_PRECISION"])
+                 key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "INPUT_PRECISION"],
+                 prune_configs_by={"early_config_prune": _fitting_configs})
 @triton.jit
 def _gemm_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, preact_ptr,
@@ -206,19 +256,7 @@ def _gemm_kernel(
     to c's dtype. The forward runs it on (x, W^T). The backward runs it on (dZ, W) and
     (dZ^T, X), with no bias and no activation.
     """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped order: GROUP_M row tiles in a row use each column tile of b while it is in L2.
-    pids_per_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // pids_per_group) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % pids_per_group) % group_rows
-    pid_n = (pid % pids_per_group) // group_rows
-
-    # All offsets are int64, so tensors past 2^31 elements stay addressable.
-    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm, rn = _tile_rows_cols(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rk = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :].to(tl.int64) * stride_ak
     b_ptrs = b_ptr + rk[:, None].to(tl.int64) * stride_bk + rn[None, :] * stride_bn
