@@ -6,37 +6,40 @@ from ..ops.cross_entropy import cross_entropy, linear_cross_entropy
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
-    """torch.nn.CrossEntropyLoss on the fused kernel, plus ``z_loss`` and ``softcap``
-    (see :func:`pykernels.cross_entropy`).
+    """torch.nn.CrossEntropyLoss on the fused kernel, plus ``z_loss``, ``softcap`` and
+    ``inplace_backward`` (see :func:`pykernels.cross_entropy`).
 
     A subclass of torch's: the same ``weight`` buffer, attributes and state_dict.
     """
 
     def __init__(self, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                 z_loss=0.0, softcap=None, *, backend=None):
+                 z_loss=0.0, softcap=None, *, inplace_backward=False, backend=None):
         super().__init__(weight=weight, ignore_index=ignore_index, reduction=reduction,
                          label_smoothing=label_smoothing)
         self.z_loss = z_loss
         self.softcap = softcap
+        self.inplace_backward = inplace_backward
         self.backend = backend
 
     @classmethod
-    def from_torch(cls, loss, z_loss=0.0, softcap=None, backend=None):
+    def from_torch(cls, loss, z_loss=0.0, softcap=None, inplace_backward=False, backend=None):
         """The fused loss with ``loss``'s options, sharing its ``weight`` tensor."""
         if not isinstance(loss, torch.nn.CrossEntropyLoss):
             raise TypeError(f"loss must be a torch.nn.CrossEntropyLoss, got "
                             f"{type(loss).__name__}")
         return cls(loss.weight, loss.ignore_index, loss.reduction, loss.label_smoothing,
-                   z_loss, softcap, backend=backend)
+                   z_loss, softcap, inplace_backward=inplace_backward, backend=backend)
 
     def forward(self, input, target):
         return cross_entropy(input, target, self.weight, ignore_index=self.ignore_index,
                              reduction=self.reduction, label_smoothing=self.label_smoothing,
-                             z_loss=self.z_loss, softcap=self.softcap, backend=self.backend)
+                             z_loss=self.z_loss, softcap=self.softcap,
+                             inplace_backward=self.inplace_backward, backend=self.backend)
 
     def extra_repr(self):
         text = f"reduction={self.reduction}, ignore_index={self.ignore_index}"
-        for name, default in (("label_smoothing", 0.0), ("z_loss", 0.0), ("softcap", None)):
+        for name, default in (("label_smoothing", 0.0), ("z_loss", 0.0), ("softcap", None),
+                              ("inplace_backward", False)):
             if getattr(self, name) != default:
                 text += f", {name}={getattr(self, name)}"
         return text
@@ -53,7 +56,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
 
     def __init__(self, in_features, num_classes, bias=False, *, device=None, dtype=None,
                  weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                 z_loss=0.0, softcap=None, chunk_size=None, backend=None):
+                 z_loss=0.0, softcap=None, chunk_size=None, inplace_backward=False,
+                 backend=None):
         super().__init__()
         if weight is not None and tuple(weight.shape) != (num_classes,):
             raise ValueError(f"weight must have shape ({num_classes},), got "
@@ -69,6 +73,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self.z_loss = z_loss
         self.softcap = softcap
         self.chunk_size = chunk_size
+        self.inplace_backward = inplace_backward
         self.backend = backend
 
     def forward(self, input, target):
@@ -76,7 +81,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
             input, self.linear.weight, target, linear_bias=self.linear.bias,
             weight=self.weight, reduction=self.reduction, ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
-            chunk_size=self.chunk_size, backend=self.backend)
+            chunk_size=self.chunk_size, inplace_backward=self.inplace_backward,
+            backend=self.backend)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, "
