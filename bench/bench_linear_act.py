@@ -49,17 +49,19 @@ def shape_label(m, k, n):
     return f"{m}x{k}x{n}"
 
 
-def implementations(machine, activation):
-    """(label, function) pairs for one activation; torch.compile on GPU only."""
-    impls = [("eager", eager_fn(activation))]
+def implementations(machine, activation, op=pykernels.linear_act, eager=None):
+    """(label, function) pairs for one activation: ``eager`` (default: eager_fn), its
+    torch.compile (GPU only), and ``op`` on each pykernels backend ("auto" first)."""
+    eager = eager or eager_fn(activation)
+    impls = [("eager", eager)]
     if machine.is_cuda:
         # dynamic=False: one specialised graph per shape, as a training run would get.
-        impls.append(("compile", torch.compile(eager_fn(activation), dynamic=False)))
+        impls.append(("compile", torch.compile(eager, dynamic=False)))
     # Benchmark the cpu backend on CPU (Triton there is only the slow interpreter).
     ours = [b for b in pykernels.backends(machine.device)
             if b != "torch" and (machine.is_cuda or b == "cpu")]
     for backend in [None] + ours:
-        fn = functools.partial(pykernels.linear_act, activation=activation, backend=backend)
+        fn = functools.partial(op, activation=activation, backend=backend)
         impls.append((backend or "auto", fn))
     return impls
 

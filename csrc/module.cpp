@@ -3,6 +3,7 @@
 
 namespace pykernels {
 void bind_linear_act(pybind11::module_& m);
+void bind_linear_glu(pybind11::module_& m);
 void bind_cross_entropy(pybind11::module_& m);
 void bind_attention(pybind11::module_& m);
 }  // namespace pykernels
@@ -17,6 +18,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   }, "whether this build contains the CUDA kernels");
   pykernels::bind_linear_act(m);
+  pykernels::bind_linear_glu(m);
   pykernels::bind_cross_entropy(m);
   pykernels::bind_attention(m);
 }

@@ -112,10 +112,14 @@ __device__ __forceinline__ void load_tile(const Operand<T>& op, int64_t extent, 
     constexpr int kVec = 16 / static_cast<int>(sizeof(T));
     constexpr int kChunksPerRow = Tile::kInner / kVec;
     constexpr int kChunks = Tile::kOuter * kChunksPerRow;
-    static_assert(Tile::kInner % kVec == 0 && kChunks % kThreads == 0, "tile/vector mismatch");
+    // (a half-height GLU tile of 16-bit values with kBK = 16 has fewer chunks than threads)
+    static_assert(Tile::kInner % kVec == 0 &&
+                      (kChunks % kThreads == 0 || kThreads % kChunks == 0),
+                  "tile/vector mismatch");
 #pragma unroll
-    for (int it = 0; it < kChunks / kThreads; ++it) {
+    for (int it = 0; it < (kChunks + kThreads - 1) / kThreads; ++it) {
       const int c = static_cast<int>(threadIdx.x) + it * kThreads;
+      if (kChunks < kThreads && c >= kChunks) break;
       const int o = c / kChunksPerRow;
       const int i = (c % kChunksPerRow) * kVec;
       const int64_t go = outer0 + o;
@@ -145,14 +149,29 @@ __device__ __forceinline__ void load_tile(const Operand<T>& op, int64_t extent, 
 // Streams K through a two-stage shared-memory pipeline: while tile kt is consumed by
 // compute(A_tile, B_tile), tile kt + 1 is in flight into the other stage. K == 0 runs no
 // iteration (the accumulators stay zero).
-template <typename Cfg, typename TileA, typename TileB, typename T, typename Compute>
+//
+// kGlu (the gated linear unit): B is [B_gate | B_up] with N columns each, and the B tile of
+// the output columns n0 .. n0 + kBN/2 - 1 holds their gate columns in its first kBN/2 rows
+// and their up columns (N further on) in the last kBN/2, so one tile computes both
+// accumulators of the same outputs. Each half is loaded as a tile of its own, bounded by N;
+// the tile must be K-major, where the halves are contiguous with the same row pitch.
+template <typename Cfg, typename TileA, typename TileB, bool kGlu, typename T, typename Compute>
 __device__ __forceinline__ void gemm_mainloop(const GemmParams<T>& p, T* smem, int64_t m0,
                                               int64_t n0, Compute&& compute) {
   constexpr int kStage = TileA::kElems + TileB::kElems;
   auto load_stage = [&](int stage, int64_t k0) {
     T* base = smem + stage * kStage;
     load_tile<TileA, Cfg::kThreads>(p.a, p.M, p.K, m0, k0, base);
-    load_tile<TileB, Cfg::kThreads>(p.b, p.N, p.K, n0, k0, base + TileA::kElems);
+    if constexpr (kGlu) {
+      using Half = Tile<T, Cfg::kBN / 2, Cfg::kBK, true>;
+      static_assert(TileB::kKMajor && Half::kLd == TileB::kLd, "GLU tiles are K-major");
+      Operand<T> up = p.b;
+      up.ptr += p.N * p.b.stride_mn;
+      load_tile<Half, Cfg::kThreads>(p.b, p.N, p.K, n0, k0, base + TileA::kElems);
+      load_tile<Half, Cfg::kThreads>(up, p.N, p.K, n0, k0, base + TileA::kElems + Half::kElems);
+    } else {
+      load_tile<TileB, Cfg::kThreads>(p.b, p.N, p.K, n0, k0, base + TileA::kElems);
+    }
   };
   const int64_t num_k_tiles = ceil_div(p.K, Cfg::kBK);
   if (num_k_tiles > 0) load_stage(0, 0);
@@ -167,6 +186,24 @@ __device__ __forceinline__ void gemm_mainloop(const GemmParams<T>& p, T* smem, i
     __syncthreads();  // tile kt fully read before iteration kt + 1 refills its stage
   }
   cp_async_wait<0>();  // nothing in flight once the caller reuses shared memory
+}
+
+// Stores the first min(8, valid) of v to dst: two/four 16-byte vectors when `whole` (8 valid,
+// dst 16-byte aligned), else element by element.
+template <typename T>
+__device__ __forceinline__ void store8(T* dst, const T* v, bool whole, int64_t valid) {
+  if (whole) {
+    constexpr int kWords = 8 * static_cast<int>(sizeof(T)) / 16;
+#pragma unroll
+    for (int w = 0; w < kWords; ++w)
+      reinterpret_cast<uint4*>(dst)[w] = reinterpret_cast<const uint4*>(v)[w];
+    return;
+  }
+#pragma unroll
+  for (int c = 0; c < 8; ++c) {
+    if (c >= valid) break;
+    dst[c] = v[c];
+  }
 }
 
 // Epilogue for the 8 columns n0 .. n0 + 7 of row m (m < M, n0 < N, n0 % 8 == 0), from the
@@ -186,21 +223,37 @@ __device__ __forceinline__ void epilogue_store8(const GemmParams<T>& p, int64_t 
     y[c] = Elem<T>::from_float(activation_forward<float>(p.act, zc, p.slope));
   }
   const int64_t off = m * p.N + n0;
-  if (p.out_vec && n0 + 8 <= p.N) {
-    constexpr int kWords = 8 * static_cast<int>(sizeof(T)) / 16;
+  const bool whole = p.out_vec && n0 + 8 <= p.N;
+  store8(p.out + off, y, whole, p.N - n0);
+  if (p.preact != nullptr) store8(p.preact + off, z, whole, p.N - n0);
+}
+
+// The GLU epilogue for the 8 output columns n0 .. n0 + 7 of row m, from the fp32 gate and up
+// accumulators: g = gate + bias[n], u = up + bias[N + n]; out (M x N) = act(g) * u, and
+// [g | u] to preact (M x 2N: g at n, u at N + n) when non-null, each rounded once.
+template <typename T>
+__device__ __forceinline__ void epilogue_store8_glu(const GemmParams<T>& p, int64_t m,
+                                                    int64_t n0, const float* gate,
+                                                    const float* up) {
+  alignas(16) T g[8];
+  alignas(16) T u[8];
+  alignas(16) T h[8];
 #pragma unroll
-    for (int w = 0; w < kWords; ++w) {
-      reinterpret_cast<uint4*>(p.out + off)[w] = reinterpret_cast<const uint4*>(y)[w];
-      if (p.preact != nullptr)
-        reinterpret_cast<uint4*>(p.preact + off)[w] = reinterpret_cast<const uint4*>(z)[w];
+  for (int c = 0; c < 8; ++c) {
+    float zg = gate[c], zu = up[c];
+    if (p.bias != nullptr && n0 + c < p.N) {
+      zg += Elem<T>::to_float(p.bias[n0 + c]);
+      zu += Elem<T>::to_float(p.bias[p.N + n0 + c]);
     }
-  } else {
-#pragma unroll
-    for (int c = 0; c < 8; ++c) {
-      if (n0 + c >= p.N) break;
-      if (p.preact != nullptr) p.preact[off + c] = z[c];
-      p.out[off + c] = y[c];
-    }
+    g[c] = Elem<T>::from_float(zg);
+    u[c] = Elem<T>::from_float(zu);
+    h[c] = Elem<T>::from_float(activation_forward<float>(p.act, zg, p.slope) * zu);
+  }
+  const bool whole = p.out_vec && n0 + 8 <= p.N;
+  store8(p.out + m * p.N + n0, h, whole, p.N - n0);
+  if (p.preact != nullptr) {
+    store8(p.preact + m * 2 * p.N + n0, g, whole, p.N - n0);
+    store8(p.preact + m * 2 * p.N + p.N + n0, u, whole, p.N - n0);
   }
 }
 
@@ -211,10 +264,13 @@ __device__ __forceinline__ void epilogue_store8(const GemmParams<T>& p, int64_t 
 constexpr int kSlabRows = 64;
 constexpr int kSlabLd = 128 + 4;  // kBN + 16 bytes of padding against bank conflicts
 
-template <typename Cfg, typename T>
+// kGlu: slab columns 0 .. kBN/2 - 1 hold the gate and kBN/2 .. kBN - 1 the up sums of the
+// output columns n0 .. n0 + kBN/2 - 1.
+template <typename Cfg, bool kGlu, typename T>
 __device__ __forceinline__ void epilogue_slab(const GemmParams<T>& p, const float* slab,
                                               int64_t m_first, int64_t n0) {
-  constexpr int kSegsPerRow = Cfg::kBN / 8;
+  constexpr int kCols = kGlu ? Cfg::kBN / 2 : Cfg::kBN;  // output columns of the tile
+  constexpr int kSegsPerRow = kCols / 8;
   static_assert((kSlabRows * kSegsPerRow) % Cfg::kThreads == 0, "slab/thread mismatch");
 #pragma unroll 1
   for (int s = static_cast<int>(threadIdx.x); s < kSlabRows * kSegsPerRow; s += Cfg::kThreads) {
@@ -222,14 +278,19 @@ __device__ __forceinline__ void epilogue_slab(const GemmParams<T>& p, const floa
     const int c = (s % kSegsPerRow) * 8;
     const int64_t m = m_first + r;
     const int64_t n = n0 + c;
-    if (m < p.M && n < p.N) epilogue_store8(p, m, n, slab + r * kSlabLd + c);
+    if (m >= p.M || n >= p.N) continue;
+    if constexpr (kGlu)
+      epilogue_store8_glu(p, m, n, slab + r * kSlabLd + c, slab + r * kSlabLd + kCols + c);
+    else
+      epilogue_store8(p, m, n, slab + r * kSlabLd + c);
   }
 }
 
 // C tile (tile_m, tile_n) of c = act(a @ b + bias): acc(m, n) = sum_k A(m, k) B(k, n) in fp32,
 // then the epilogue above. Blocks are ordered in groups of 8 tile rows (column-major inside a
 // group) so that blocks running together share A row panels and B column panels in L2.
-template <typename T, bool kTensorCore, bool kAKMajor, bool kBKMajor>
+// kGlu: the gated linear unit (see gemm_mainloop): a tile covers kBN/2 output columns.
+template <typename T, bool kTensorCore, bool kAKMajor, bool kBKMajor, bool kGlu>
 __global__ void __launch_bounds__(256, 2) gemm_kernel(const GemmParams<T> p) {
   using Cfg = GemmConfig<T, kTensorCore>;
   using TileA = Tile<T, Cfg::kBM, Cfg::kBK, kAKMajor>;
@@ -250,7 +311,7 @@ __global__ void __launch_bounds__(256, 2) gemm_kernel(const GemmParams<T> p) {
   const int64_t first_m = (pid / group_size) * kGroupM;
   const int64_t group_rows = p.tiles_m - first_m < kGroupM ? p.tiles_m - first_m : kGroupM;
   const int64_t m0 = (first_m + (pid % group_size) % group_rows) * Cfg::kBM;
-  const int64_t n0 = ((pid % group_size) / group_rows) * Cfg::kBN;
+  const int64_t n0 = ((pid % group_size) / group_rows) * (kGlu ? Cfg::kBN / 2 : Cfg::kBN);
 
   if constexpr (kTensorCore) {
     namespace wmma = nvcuda::wmma;
@@ -275,7 +336,7 @@ __global__ void __launch_bounds__(256, 2) gemm_kernel(const GemmParams<T> p) {
 #pragma unroll
       for (int j = 0; j < kFragsN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
 
-    gemm_mainloop<Cfg, TileA, TileB>(p, smem, m0, n0, [&](const T* As, const T* Bs) {
+    gemm_mainloop<Cfg, TileA, TileB, kGlu>(p, smem, m0, n0, [&](const T* As, const T* Bs) {
 #pragma unroll 1  // unrolled, sm_90a bf16 spills a few bytes at the 128-register cap
       for (int kk = 0; kk < Cfg::kBK; kk += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, ALayout> fa[kFragsM];
@@ -307,7 +368,7 @@ __global__ void __launch_bounds__(256, 2) gemm_kernel(const GemmParams<T> p) {
                                     wmma::mem_row_major);
       }
       __syncthreads();
-      epilogue_slab<Cfg>(p, slab, m0 + q * kSlabRows, n0);
+      epilogue_slab<Cfg, kGlu>(p, slab, m0 + q * kSlabRows, n0);
       __syncthreads();  // slab is rewritten by the next pass
     }
   } else {
@@ -319,7 +380,7 @@ __global__ void __launch_bounds__(256, 2) gemm_kernel(const GemmParams<T> p) {
 #pragma unroll
       for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
 
-    gemm_mainloop<Cfg, TileA, TileB>(p, smem, m0, n0, [&](const T* As, const T* Bs) {
+    gemm_mainloop<Cfg, TileA, TileB, kGlu>(p, smem, m0, n0, [&](const T* As, const T* Bs) {
 #pragma unroll 2  // full unrolling batches shared loads across k and spills at 128 regs
       for (int k = 0; k < Cfg::kBK; ++k) {
         float a[8], b[8];
@@ -348,7 +409,7 @@ __global__ void __launch_bounds__(256, 2) gemm_kernel(const GemmParams<T> p) {
           if (i / kIPerSlab == q)
             slab[(16 * (i % kIPerSlab) + ty) * kSlabLd + tx + 16 * j] = acc[i][j];
       __syncthreads();
-      epilogue_slab<Cfg>(p, slab, m0 + q * kSlabRows, n0);
+      epilogue_slab<Cfg, kGlu>(p, slab, m0 + q * kSlabRows, n0);
       __syncthreads();  // slab is rewritten by the next pass
     }
   }
@@ -377,34 +438,43 @@ bool plan_operand(Operand<T>& op, int64_t extent, int64_t K) {
   return k_major;
 }
 
-template <typename T, bool kTensorCore>
+template <typename T, bool kTensorCore, bool kGlu>
 cudaError_t launch_gemm(GemmParams<T> p, cudaStream_t stream) {
   using Cfg = GemmConfig<T, kTensorCore>;
   p.tiles_m = ceil_div(p.M, Cfg::kBM);
-  p.tiles_n = ceil_div(p.N, Cfg::kBN);
+  p.tiles_n = ceil_div(p.N, kGlu ? Cfg::kBN / 2 : Cfg::kBN);
   if (p.tiles_m > INT_MAX / p.tiles_n) return cudaErrorInvalidValue;  // gridDim.x limit
   p.out_vec = aligned16(p.out) && (p.preact == nullptr || aligned16(p.preact)) &&
               (p.N * static_cast<int64_t>(sizeof(T))) % 16 == 0;
   const bool a_k = plan_operand(p.a, p.M, p.K);
-  const bool b_k = plan_operand(p.b, p.N, p.K);
-  void (*kernel)(GemmParams<T>) =
-      a_k ? (b_k ? gemm_kernel<T, kTensorCore, true, true> : gemm_kernel<T, kTensorCore, true, false>)
-          : (b_k ? gemm_kernel<T, kTensorCore, false, true> : gemm_kernel<T, kTensorCore, false, false>);
+  const bool b_k = plan_operand(p.b, kGlu ? 2 * p.N : p.N, p.K);
+  void (*kernel)(GemmParams<T>);
+  if constexpr (kGlu) {
+    // GLU tiles are K-major: the weight has unit stride along K, so b_k always holds.
+    if (!b_k) return cudaErrorInvalidValue;
+    kernel = a_k ? gemm_kernel<T, kTensorCore, true, true, true>
+                 : gemm_kernel<T, kTensorCore, false, true, true>;
+  } else {
+    kernel = a_k ? (b_k ? gemm_kernel<T, kTensorCore, true, true, false>
+                        : gemm_kernel<T, kTensorCore, true, false, false>)
+                 : (b_k ? gemm_kernel<T, kTensorCore, false, true, false>
+                        : gemm_kernel<T, kTensorCore, false, false, false>);
+  }
   kernel<<<static_cast<unsigned>(p.tiles_m * p.tiles_n), Cfg::kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
 // Core selection: Auto = tensor cores for fp16/bf16, SIMT for fp32; TensorCore for fp32 is
 // rejected (no TF32); Simt = the FFMA kernel for every dtype.
-template <typename T>
+template <bool kGlu = false, typename T>
 cudaError_t run_gemm(const GemmParams<T>& p, GemmCore core, cudaStream_t stream) {
   if (std::is_same<T, float>::value && core == GemmCore::TensorCore) return cudaErrorInvalidValue;
   if (p.M == 0 || p.N == 0) return cudaSuccess;
   if constexpr (std::is_same<T, float>::value) {
-    return launch_gemm<T, false>(p, stream);
+    return launch_gemm<T, false, kGlu>(p, stream);
   } else {
-    return core == GemmCore::Simt ? launch_gemm<T, false>(p, stream)
-                                  : launch_gemm<T, true>(p, stream);
+    return core == GemmCore::Simt ? launch_gemm<T, false, kGlu>(p, stream)
+                                  : launch_gemm<T, true, kGlu>(p, stream);
   }
 }
 
@@ -430,6 +500,21 @@ int64_t bias_chunk_rows(int64_t M) {
 }
 int64_t bias_num_chunks(int64_t M) { return M > 0 ? ceil_div(M, bias_chunk_rows(M)) : 0; }
 
+// *dst = the sum of `sum` over the block's kEwRowLanes row lanes (in lane order) for this
+// thread's column, when valid. Every thread of the block calls it (it synchronises).
+__device__ __forceinline__ void store_lane_sums(float sum, float* dst, bool valid) {
+  __shared__ float lane_sums[kEwRowLanes][kEwCols];
+  __syncthreads();  // the reads of a previous call are done
+  lane_sums[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && valid) {
+    float s = 0.0f;
+#pragma unroll
+    for (int r = 0; r < kEwRowLanes; ++r) s += lane_sums[r][threadIdx.x];
+    *dst = s;
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kEwCols * kEwRowLanes)
     grad_preact_kernel(const T* __restrict__ grad_out, const T* __restrict__ saved,
@@ -453,15 +538,42 @@ __global__ void __launch_bounds__(kEwCols * kEwRowLanes)
     }
   }
   if (partial == nullptr) return;  // uniform over the launch
-  __shared__ float lane_sums[kEwRowLanes][kEwCols];
-  lane_sums[threadIdx.y][threadIdx.x] = sum;
-  __syncthreads();
-  if (threadIdx.y == 0 && n < N) {
-    float s = 0.0f;
-#pragma unroll
-    for (int r = 0; r < kEwRowLanes; ++r) s += lane_sums[r][threadIdx.x];
-    partial[chunk * N + n] = s;
+  store_lane_sums(sum, partial + chunk * N + n, n < N);
+}
+
+// The GLU backward pass, blocked like grad_preact_kernel (each thread owns output column n
+// of N and writes both of its columns in the 2N-wide rows). With h = act(g) u:
+//   dg = d act(g) u / dg = dh * u * act'(g)   (relu: a select on g, activation_backward)
+//   du =                   dh * act(g)
+// dgu[m] = [dg | du] and, with partial, the chunk's fp32 column sums of both halves.
+template <typename T>
+__global__ void __launch_bounds__(kEwCols * kEwRowLanes)
+    glu_grad_kernel(const T* __restrict__ grad_out, const T* __restrict__ gu,
+                    T* __restrict__ dgu, float* __restrict__ partial, int64_t M, int64_t N,
+                    int64_t chunk_rows, int64_t col_blocks, Activation act, float slope) {
+  const int64_t chunk = blockIdx.x / col_blocks;
+  const int64_t n = (blockIdx.x % col_blocks) * kEwCols + threadIdx.x;
+  const int64_t row_begin = chunk * chunk_rows;
+  const int64_t row_end = row_begin + chunk_rows < M ? row_begin + chunk_rows : M;
+  float sum_g = 0.0f, sum_u = 0.0f;
+  if (n < N) {
+#pragma unroll 4
+    for (int64_t m = row_begin + threadIdx.y; m < row_end; m += kEwRowLanes) {
+      const int64_t off = m * 2 * N + n;
+      const float dh = Elem<T>::to_float(grad_out[m * N + n]);
+      const float g = Elem<T>::to_float(gu[off]);
+      const float dg = activation_backward<false, float>(
+          act, dh * Elem<T>::to_float(gu[off + N]), g, slope);
+      const float du = dh * activation_forward<float>(act, g, slope);
+      dgu[off] = Elem<T>::from_float(dg);
+      dgu[off + N] = Elem<T>::from_float(du);
+      sum_g += dg;
+      sum_u += du;
+    }
   }
+  if (partial == nullptr) return;  // uniform over the launch
+  store_lane_sums(sum_g, partial + chunk * 2 * N + n, n < N);
+  store_lane_sums(sum_u, partial + chunk * 2 * N + N + n, n < N);
 }
 
 // db[n] = sum_{c < num_chunks} partial[c * N + n] in increasing c; 0 when M == 0.
@@ -485,15 +597,31 @@ bool valid_activation(Activation a) {
   return static_cast<int>(a) >= 0 && static_cast<int>(a) < kNumActivations;
 }
 
+// The backward passes' arguments: the two inputs and the output are needed when (M, N)
+// has elements, the workspace when the bias gradient is asked for too.
+bool valid_grad_pass_args(DType dtype, Activation act, int64_t M, int64_t N, const void* in_a,
+                          const void* in_b, const void* out, const void* grad_bias,
+                          const void* workspace) {
+  if (!valid_dtype(dtype) || !valid_activation(act) || M < 0 || N < 0) return false;
+  const bool has_elems = M > 0 && N > 0;
+  if (has_elems && (in_a == nullptr || in_b == nullptr || out == nullptr)) return false;
+  return !(grad_bias != nullptr && has_elems && workspace == nullptr);
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------
 // Launchers (see linear_act.h). A pointer is required only when its tensor has elements.
 
-cudaError_t linear_act_forward(DType dtype, const void* input, int64_t input_row_stride,
-                               const void* weight, const void* bias, void* out, void* preact,
-                               int64_t M, int64_t N, int64_t K, Activation act,
-                               float negative_slope, GemmCore core, cudaStream_t stream) {
+namespace {
+
+// The forward launchers' common body: out = act(input @ weight^T + bias), or for kGlu the
+// gated act(input @ Wg^T + bg) * (input @ Wu^T + bu) with weight = [Wg; Wu] (2N rows).
+template <bool kGlu>
+cudaError_t forward_gemm(DType dtype, const void* input, int64_t input_row_stride,
+                         const void* weight, const void* bias, void* out, void* preact,
+                         int64_t M, int64_t N, int64_t K, Activation act, float negative_slope,
+                         GemmCore core, cudaStream_t stream) {
   if (!valid_dtype(dtype) || !valid_core(core) || !valid_activation(act) || M < 0 || N < 0 ||
       K < 0)
     return cudaErrorInvalidValue;
@@ -513,8 +641,52 @@ cudaError_t linear_act_forward(DType dtype, const void* input, int64_t input_row
     p.bias = static_cast<const T*>(bias);
     p.act = act;
     p.slope = negative_slope;
-    return run_gemm(p, core, stream);
+    return run_gemm<kGlu>(p, core, stream);
   });
+}
+
+// The backward passes' common launch: launch(grid, partial, chunk_rows, col_blocks) runs the
+// element-wise kernel over M rows of `cols` thread columns (blocks of kEwCols x kEwRowLanes),
+// writing fp32 column partials of `width` columns per row chunk to partial (workspace) when
+// grad_bias is non-null; then bias_grad_kernel adds them up (zeros when M == 0).
+template <typename T, typename Launch>
+cudaError_t run_grad_pass(int64_t M, int64_t cols, int64_t width, void* grad_bias,
+                          void* workspace, cudaStream_t stream, Launch&& launch) {
+  const int64_t num_chunks = bias_num_chunks(M);
+  float* partial = grad_bias != nullptr ? static_cast<float*>(workspace) : nullptr;
+  if (M > 0 && cols > 0) {
+    const int64_t col_blocks = ceil_div(cols, kEwCols);
+    if (num_chunks > INT_MAX / col_blocks) return cudaErrorInvalidValue;
+    launch(static_cast<unsigned>(num_chunks * col_blocks), partial, bias_chunk_rows(M),
+           col_blocks);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  if (grad_bias == nullptr) return cudaSuccess;
+  constexpr int kThreads = 256;
+  const int64_t blocks = ceil_div(width, kThreads);
+  if (blocks > INT_MAX) return cudaErrorInvalidValue;
+  bias_grad_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      partial, static_cast<T*>(grad_bias), num_chunks, width);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t linear_act_forward(DType dtype, const void* input, int64_t input_row_stride,
+                               const void* weight, const void* bias, void* out, void* preact,
+                               int64_t M, int64_t N, int64_t K, Activation act,
+                               float negative_slope, GemmCore core, cudaStream_t stream) {
+  return forward_gemm<false>(dtype, input, input_row_stride, weight, bias, out, preact, M, N,
+                             K, act, negative_slope, core, stream);
+}
+
+cudaError_t linear_glu_forward(DType dtype, const void* input, int64_t input_row_stride,
+                               const void* weight, const void* bias, void* out, void* preact,
+                               int64_t M, int64_t N, int64_t K, Activation act,
+                               float negative_slope, GemmCore core, cudaStream_t stream) {
+  return forward_gemm<true>(dtype, input, input_row_stride, weight, bias, out, preact, M, N, K,
+                            act, negative_slope, core, stream);
 }
 
 cudaError_t gemm(DType dtype, const void* a, int64_t a_row_stride, int64_t a_col_stride,
@@ -548,39 +720,41 @@ cudaError_t linear_act_grad_preact(DType dtype, const void* grad_out, const void
                                    bool saved_is_output, void* grad_preact, void* grad_bias,
                                    void* workspace, int64_t M, int64_t N, Activation act,
                                    float negative_slope, cudaStream_t stream) {
-  if (!valid_dtype(dtype) || !valid_activation(act) || M < 0 || N < 0)
+  if (!valid_grad_pass_args(dtype, act, M, N, grad_out, saved, grad_preact, grad_bias,
+                            workspace))
     return cudaErrorInvalidValue;
   // act'(y) is only defined for the activations grad_from_output admits.
   if (saved_is_output && !grad_from_output(act, negative_slope)) return cudaErrorInvalidValue;
-  const bool has_elems = M > 0 && N > 0;
-  if (has_elems && (grad_out == nullptr || saved == nullptr || grad_preact == nullptr))
-    return cudaErrorInvalidValue;
-  if (grad_bias != nullptr && has_elems && workspace == nullptr) return cudaErrorInvalidValue;
   if (N == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
     using T = typename decltype(tag)::type;
-    const int64_t num_chunks = bias_num_chunks(M);
-    float* partial = grad_bias != nullptr ? static_cast<float*>(workspace) : nullptr;
-    if (has_elems) {
-      const int64_t col_blocks = ceil_div(N, kEwCols);
-      if (num_chunks > INT_MAX / col_blocks) return cudaErrorInvalidValue;
-      grad_preact_kernel<T>
-          <<<static_cast<unsigned>(num_chunks * col_blocks), dim3(kEwCols, kEwRowLanes), 0,
-             stream>>>(static_cast<const T*>(grad_out), static_cast<const T*>(saved),
-                       static_cast<T*>(grad_preact), partial, M, N, bias_chunk_rows(M),
-                       col_blocks, act, saved_is_output, negative_slope);
-      const cudaError_t err = cudaGetLastError();
-      if (err != cudaSuccess) return err;
-    }
-    if (grad_bias != nullptr) {  // also when M == 0: db = 0
-      constexpr int kThreads = 256;
-      const int64_t blocks = ceil_div(N, kThreads);
-      if (blocks > INT_MAX) return cudaErrorInvalidValue;
-      bias_grad_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-          partial, static_cast<T*>(grad_bias), num_chunks, N);
-      return cudaGetLastError();
-    }
-    return cudaSuccess;
+    return run_grad_pass<T>(
+        M, N, N, grad_bias, workspace, stream,
+        [&](unsigned grid, float* partial, int64_t chunk_rows, int64_t col_blocks) {
+          grad_preact_kernel<T><<<grid, dim3(kEwCols, kEwRowLanes), 0, stream>>>(
+              static_cast<const T*>(grad_out), static_cast<const T*>(saved),
+              static_cast<T*>(grad_preact), partial, M, N, chunk_rows, col_blocks, act,
+              saved_is_output, negative_slope);
+        });
+  });
+}
+
+cudaError_t linear_glu_grad_preact(DType dtype, const void* grad_out, const void* gu,
+                                   void* dgu, void* grad_bias, void* workspace, int64_t M,
+                                   int64_t N, Activation act, float negative_slope,
+                                   cudaStream_t stream) {
+  if (!valid_grad_pass_args(dtype, act, M, N, grad_out, gu, dgu, grad_bias, workspace))
+    return cudaErrorInvalidValue;
+  if (N == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
+    using T = typename decltype(tag)::type;
+    return run_grad_pass<T>(
+        M, N, 2 * N, grad_bias, workspace, stream,
+        [&](unsigned grid, float* partial, int64_t chunk_rows, int64_t col_blocks) {
+          glu_grad_kernel<T><<<grid, dim3(kEwCols, kEwRowLanes), 0, stream>>>(
+              static_cast<const T*>(grad_out), static_cast<const T*>(gu), static_cast<T*>(dgu),
+              partial, M, N, chunk_rows, col_blocks, act, negative_slope);
+        });
   });
 }
 

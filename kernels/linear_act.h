@@ -64,5 +64,26 @@ cudaError_t gemm(DType dtype, const void* a, int64_t a_row_stride, int64_t a_col
                  const void* b, int64_t b_row_stride, int64_t b_col_stride, void* c, int64_t M,
                  int64_t N, int64_t K, GemmCore core, cudaStream_t stream);
 
+// The gated linear unit, on the forward GEMM above: weight (2N, K, contiguous) = [Wg; Wu],
+// bias (2N) = [bg; bu] or nullptr, and
+//   out (M, N) = act(input @ Wg^T + bg) * (input @ Wu^T + bu),
+// each block tile holding the gate and the up accumulators of the same 64 output columns
+// (kernels/linear_act.cu, gemm_mainloop), gated in the epilogue; out is the only (M, N)-sized
+// store unless preact (M, 2N, contiguous) is non-null, which then gets [g | u] (biases added).
+cudaError_t linear_glu_forward(DType dtype, const void* input, int64_t input_row_stride,
+                               const void* weight, const void* bias, void* out, void* preact,
+                               int64_t M, int64_t N, int64_t K, Activation act,
+                               float negative_slope, GemmCore core, cudaStream_t stream);
+
+// The GLU backward pass over (M, N): from grad_out dh (M, N) and the saved gu = [g | u]
+// (M, 2N), dgu (M, 2N) = [dh * u * act'(g) | dh * act(g)], and when grad_bias (2N) is
+// non-null its column sums, deterministic as in linear_act_grad_preact (workspace of
+// linear_act_grad_preact_workspace_bytes(M, 2N)). The caller then runs gemm for
+// grad_input = dgu @ weight and grad_weight = dgu^T @ input.
+cudaError_t linear_glu_grad_preact(DType dtype, const void* grad_out, const void* gu,
+                                   void* dgu, void* grad_bias, void* workspace, int64_t M,
+                                   int64_t N, Activation act, float negative_slope,
+                                   cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace pykernels

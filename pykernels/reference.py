@@ -31,6 +31,13 @@ def linear_act(input, weight, bias=None, activation_name="none", negative_slope=
     return activation(F.linear(input, weight, bias), activation_name, negative_slope)
 
 
+def linear_glu(input, weight, bias=None, activation_name="silu", negative_slope=0.01):
+    """act(input @ Wg.T + bg) * (input @ Wu.T + bu), with weight = [Wg; Wu] stacked as
+    (2 * out_features, in_features) and bias = [bg; bu] likewise."""
+    gate, up = F.linear(input, weight, bias).chunk(2, dim=-1)
+    return activation(gate, activation_name, negative_slope) * up
+
+
 def class_dim(input):
     """The class dimension of cross-entropy logits: 0 for (C,), else 1 (as PyTorch)."""
     return 0 if input.dim() == 1 else 1

@@ -62,27 +62,33 @@ bool gemm_f32_preferred(int64_t M, int64_t N, int64_t K) {
 #endif
 }
 
-void gemm_f32(GemmOperand a, GemmOperand b, float* c, int64_t M, int64_t N, int64_t K,
-              const GemmEpilogue& epilogue) {
+namespace {
+
+// The loops above, for C of M x N, where one packed B sliver of kGemmNr values per k covers
+// `sliver_cols` of C's columns (32 for a product, 16 for a gated product: gate and up).
+//   pack_b(k0, depth, col0, cols, packed): packs the slivers of C's columns [col0, col0 + cols)
+//   macro(packed_a, packed_b, m0, rows, n0, cols, depth, accumulate, last): one row block
+template <typename PackB, typename Macro>
+void blocked_gemm(GemmOperand a, int64_t M, int64_t N, int64_t K, int64_t sliver_cols,
+                  PackB&& pack_b, Macro&& macro) {
 #if PYKERNELS_CPU_VEC_LOOPS
-  TORCH_CHECK(gemm_f32_preferred(M, N, K), "pykernels: gemm_f32 called where it does not run");
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t panel_max = kPanelCols / kGemmNr * sliver_cols;
   at::Tensor panel_storage =
-      at::empty({kDepth * ceil_div(std::min(N, kPanelCols), kGemmNr) * kGemmNr + 16},
+      at::empty({kDepth * ceil_div(std::min(N, panel_max), sliver_cols) * kGemmNr + 16},
                 at::TensorOptions().dtype(at::kFloat));
   float* packed_b = align64(panel_storage.data_ptr<float>());
 
-  for (int64_t n0 = 0; n0 < N; n0 += kPanelCols) {
-    const int64_t panel_cols = std::min(kPanelCols, N - n0);
-    const int64_t slivers = ceil_div(panel_cols, kGemmNr);
+  for (int64_t n0 = 0; n0 < N; n0 += panel_max) {
+    const int64_t panel_cols = std::min(panel_max, N - n0);
+    const int64_t slivers = ceil_div(panel_cols, sliver_cols);
     for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
       const int64_t depth = std::min(kDepth, K - k0);
       const bool last = k0 + depth == K;
       at::parallel_for(0, slivers, 1, [&](int64_t s0, int64_t s1) {
-        gemm_pack_b_avx512(b.data + k0 * b.row_stride + (n0 + s0 * kGemmNr) * b.col_stride,
-                           b.row_stride, b.col_stride, depth,
-                           std::min(panel_cols, s1 * kGemmNr) - s0 * kGemmNr,
-                           packed_b + s0 * kGemmNr * depth);
+        pack_b(k0, depth, n0 + s0 * sliver_cols,
+               std::min(panel_cols, s1 * sliver_cols) - s0 * sliver_cols,
+               packed_b + s0 * kGemmNr * depth);
       });
       at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
         float* packed_a = packed_a_buffer();
@@ -95,20 +101,70 @@ void gemm_f32(GemmOperand a, GemmOperand b, float* c, int64_t M, int64_t N, int6
             const int64_t rows = std::min(kRowBlock, m_end - m0);
             gemm_pack_a_avx512(a.data + m0 * a.row_stride + k0 * a.col_stride, a.row_stride,
                                a.col_stride, rows, depth, packed_a);
-            GemmEpilogue ep = epilogue;
-            if (ep.bias != nullptr) ep.bias += n0;
-            if (ep.preact != nullptr) ep.preact += m0 * N + n0;
-            gemm_macro_avx512(packed_a, packed_b, rows, panel_cols, depth, c + m0 * N + n0, N,
-                              k0 > 0, last ? &ep : nullptr);
+            macro(packed_a, packed_b, m0, rows, n0, panel_cols, depth, k0 > 0, last);
           }
         }
       });
     }
   }
 #else
-  (void)a, (void)b, (void)c, (void)M, (void)N, (void)K, (void)epilogue;
-  TORCH_CHECK(false, "pykernels: gemm_f32 is not built into this extension");
+  // Never called without the AVX-512 unit (gemm_f32_preferred is false); the lambdas that
+  // name its entry points are then never instantiated out of line either.
+  (void)a, (void)M, (void)N, (void)K, (void)sliver_cols, (void)pack_b, (void)macro;
+  TORCH_CHECK(false, "pykernels: the CPU GEMM is not built into this extension");
 #endif
+}
+
+}  // namespace
+
+void gemm_f32(GemmOperand a, GemmOperand b, float* c, int64_t M, int64_t N, int64_t K,
+              const GemmEpilogue& epilogue) {
+  TORCH_CHECK(gemm_f32_preferred(M, N, K), "pykernels: gemm_f32 called where it does not run");
+  blocked_gemm(
+      a, M, N, K, kGemmNr,
+      [&](int64_t k0, int64_t depth, int64_t col0, int64_t cols, float* packed) {
+        gemm_pack_b_avx512(b.data + k0 * b.row_stride + col0 * b.col_stride, b.row_stride,
+                           b.col_stride, depth, cols, packed);
+      },
+      [&](const float* packed_a, const float* packed_b, int64_t m0, int64_t rows, int64_t n0,
+          int64_t cols, int64_t depth, bool accumulate, bool last) {
+        GemmEpilogue ep = epilogue;
+        if (ep.bias != nullptr) ep.bias += n0;
+        if (ep.preact != nullptr) ep.preact += m0 * N + n0;
+        gemm_macro_avx512(packed_a, packed_b, rows, cols, depth, c + m0 * N + n0, N,
+                          accumulate, last ? &ep : nullptr);
+      });
+}
+
+bool gemm_glu_f32_needs_gu(int64_t K) { return K > kDepth; }
+
+GemmOperand gemm_operand(const at::Tensor& t) {
+  return {t.data_ptr<float>(), t.stride(0), t.stride(1)};
+}
+
+void gemm_glu_f32(GemmOperand a, GemmOperand b, float* h, float* gu, int64_t M, int64_t N,
+                  int64_t K, const GemmEpilogue& epilogue) {
+  TORCH_CHECK(gemm_f32_preferred(M, 2 * N, K),
+              "pykernels: gemm_glu_f32 called where it does not run");
+  TORCH_CHECK(gu != nullptr || !gemm_glu_f32_needs_gu(K),
+              "pykernels: gemm_glu_f32 needs its gu buffer at this depth");
+  TORCH_CHECK(epilogue.preact == nullptr || epilogue.preact == gu,
+              "pykernels: gemm_glu_f32 keeps [g | u] in gu only");
+  blocked_gemm(
+      a, M, N, K, kGemmNr / 2,
+      [&](int64_t k0, int64_t depth, int64_t col0, int64_t cols, float* packed) {
+        gemm_pack_b_glu_avx512(b.data + k0 * b.row_stride + col0 * b.col_stride, b.row_stride,
+                               b.col_stride, depth, cols, N * b.col_stride, packed);
+      },
+      [&](const float* packed_a, const float* packed_b, int64_t m0, int64_t rows, int64_t n0,
+          int64_t cols, int64_t depth, bool accumulate, bool last) {
+        GemmEpilogue ep = epilogue;
+        if (ep.bias != nullptr) ep.bias += n0;
+        if (ep.preact != nullptr) ep.preact += m0 * 2 * N + n0;
+        gemm_macro_glu_avx512(packed_a, packed_b, rows, cols, depth, h + m0 * N + n0,
+                              gu != nullptr ? gu + m0 * 2 * N + n0 : nullptr, N, accumulate,
+                              last ? &ep : nullptr);
+      });
 }
 
 }  // namespace cpu

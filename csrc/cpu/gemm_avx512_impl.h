@@ -88,19 +88,80 @@ void store_tile(const float* tile, int64_t rows, int64_t cols, float* c, int64_t
   }
 }
 
-template <Activation A>
-void macro_kernel(const float* packed_a, const float* packed_b, int64_t rows, int64_t cols,
-                  int64_t kc, float* c, int64_t ldc, bool accumulate, const GemmEpilogue* ep) {
+// Runs the microkernel over every register tile of the block (rows x `slivers` packed column
+// slivers) and hands each to store(tile, tile_rows, row0, sliver).
+template <typename Store>
+void for_each_tile(const float* packed_a, const float* packed_b, int64_t rows, int64_t slivers,
+                   int64_t kc, Store&& store) {
   alignas(64) float tile[kMr * kNr];
   // Row slivers outside, column slivers inside: the A sliver (kc x 14) stays in L1 while
   // the B panel streams from L2 / L3.
   for (int64_t r0 = 0; r0 < rows; r0 += kMr) {
-    for (int64_t c0 = 0; c0 < cols; c0 += kNr) {
-      microkernel(kc, packed_a + r0 * kc, packed_b + c0 * kc, tile);
-      store_tile<A>(tile, std::min<int64_t>(kMr, rows - r0), std::min<int64_t>(kNr, cols - c0),
-                    c, ldc, r0, c0, accumulate, ep);
+    for (int64_t s = 0; s < slivers; ++s) {
+      microkernel(kc, packed_a + r0 * kc, packed_b + s * kNr * kc, tile);
+      store(tile, std::min<int64_t>(kMr, rows - r0), r0, s);
     }
   }
+}
+
+template <Activation A>
+void macro_kernel(const float* packed_a, const float* packed_b, int64_t rows, int64_t cols,
+                  int64_t kc, float* c, int64_t ldc, bool accumulate, const GemmEpilogue* ep) {
+  for_each_tile(packed_a, packed_b, rows, (cols + kNr - 1) / kNr, kc,
+                [&](const float* tile, int64_t tile_rows, int64_t r0, int64_t s) {
+                  store_tile<A>(tile, tile_rows, std::min<int64_t>(kNr, cols - s * kNr), c, ldc,
+                                r0, s * kNr, accumulate, ep);
+                });
+}
+
+// The GLU store of a tile whose lanes 0..15 are the gate and 16..31 the up sums of the
+// `cols` output columns at (row0, col0): partial sums go to / come from gu; on the last k
+// block (ep) g and u get their biases, are kept in gu when ep->preact is set, and
+// h = act(g) * u is stored. gu rows are 2 n long, the up half n further on (as the bias).
+template <Activation A>
+void store_tile_glu(const float* tile, int64_t rows, int64_t cols, float* h, float* gu,
+                    int64_t n, int64_t row0, int64_t col0, bool accumulate,
+                    const GemmEpilogue* ep) {
+  const __mmask16 mask = lanes_mask(cols);
+  const Vec slope(ep ? ep->negative_slope : 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    __m512 g = _mm512_load_ps(tile + r * kNr);
+    __m512 u = _mm512_load_ps(tile + r * kNr + 16);
+    // gu may be null when there is one k block and nothing is kept.
+    float* gate = gu != nullptr ? gu + (row0 + r) * 2 * n + col0 : nullptr;
+    float* up = gu != nullptr ? gate + n : nullptr;
+    if (accumulate) {
+      g = _mm512_add_ps(g, _mm512_maskz_loadu_ps(mask, gate));
+      u = _mm512_add_ps(u, _mm512_maskz_loadu_ps(mask, up));
+    }
+    if (ep != nullptr && ep->bias != nullptr) {
+      g = _mm512_add_ps(g, _mm512_maskz_loadu_ps(mask, ep->bias + col0));
+      u = _mm512_add_ps(u, _mm512_maskz_loadu_ps(mask, ep->bias + n + col0));
+    }
+    if (ep == nullptr || ep->preact != nullptr) {  // partial sums, or the kept [g | u]
+      _mm512_mask_storeu_ps(gate, mask, g);
+      _mm512_mask_storeu_ps(up, mask, u);
+    }
+    if (ep == nullptr) continue;
+    const Vec out = activation_forward<Vec, VecMath>(A, Vec(g), slope) * Vec(u);
+    _mm512_mask_storeu_ps(h + (row0 + r) * n + col0, mask, out);
+  }
+}
+
+// One 16-column half of a packed B sliver: half[k * kNr + j] = B(k, j) from src for j < nc
+// (nc <= 16, may be <= 0), zero for the other lanes.
+void pack_b_half(const float* src, int64_t row_stride, int64_t col_stride, int64_t kc,
+                 int64_t nc, float* half) {
+  if (col_stride == 1) {  // B's rows are contiguous
+    const __mmask16 mask = lanes_mask(std::max<int64_t>(0, nc));
+    for (int64_t k = 0; k < kc; ++k)
+      _mm512_store_ps(half + k * kNr, _mm512_maskz_loadu_ps(mask, src + k * row_stride));
+    return;
+  }
+  // Column by column: reads run along B's columns, contiguous for a transposed operand.
+  for (int64_t j = 0; j < 16; ++j)
+    for (int64_t k = 0; k < kc; ++k)
+      half[k * kNr + j] = j < nc ? src[k * row_stride + j * col_stride] : 0.0f;
 }
 
 }  // namespace
@@ -129,19 +190,18 @@ void gemm_pack_b_avx512(const float* b, int64_t row_stride, int64_t col_stride, 
   for (int64_t c0 = 0; c0 < cols; c0 += kNr, packed += kc * kNr) {
     const int64_t nc = std::min<int64_t>(kNr, cols - c0);
     const float* src = b + c0 * col_stride;
-    if (col_stride == 1) {  // B's rows are contiguous
-      const __mmask16 lo = lanes_mask(nc), hi = lanes_mask(std::max<int64_t>(0, nc - 16));
-      for (int64_t k = 0; k < kc; ++k) {
-        _mm512_store_ps(packed + k * kNr, _mm512_maskz_loadu_ps(lo, src + k * row_stride));
-        _mm512_store_ps(packed + k * kNr + 16,
-                        _mm512_maskz_loadu_ps(hi, src + k * row_stride + 16));
-      }
-      continue;
-    }
-    // Column by column: reads run along B's columns, contiguous for a transposed operand.
-    for (int64_t j = 0; j < kNr; ++j)
-      for (int64_t k = 0; k < kc; ++k)
-        packed[k * kNr + j] = j < nc ? src[k * row_stride + j * col_stride] : 0.0f;
+    pack_b_half(src, row_stride, col_stride, kc, nc, packed);
+    pack_b_half(src + 16 * col_stride, row_stride, col_stride, kc, nc - 16, packed + 16);
+  }
+}
+
+void gemm_pack_b_glu_avx512(const float* b, int64_t row_stride, int64_t col_stride,
+                            int64_t kc, int64_t cols, int64_t up_offset, float* packed) {
+  for (int64_t c0 = 0; c0 < cols; c0 += 16, packed += kc * kNr) {
+    const int64_t nc = std::min<int64_t>(16, cols - c0);
+    const float* src = b + c0 * col_stride;
+    pack_b_half(src, row_stride, col_stride, kc, nc, packed);
+    pack_b_half(src + up_offset, row_stride, col_stride, kc, nc, packed + 16);
   }
 }
 
@@ -152,6 +212,20 @@ void gemm_macro_avx512(const float* packed_a, const float* packed_b, int64_t row
   with_activation(act, [&](auto tag) {
     macro_kernel<decltype(tag)::value>(packed_a, packed_b, rows, cols, kc, c, ldc, accumulate,
                                        epilogue);
+  });
+}
+
+void gemm_macro_glu_avx512(const float* packed_a, const float* packed_b, int64_t rows,
+                           int64_t cols, int64_t kc, float* h, float* gu, int64_t n,
+                           bool accumulate, const GemmEpilogue* epilogue) {
+  const Activation act = epilogue ? epilogue->act : Activation::None;
+  with_activation(act, [&](auto tag) {
+    for_each_tile(packed_a, packed_b, rows, (cols + 15) / 16, kc,
+                  [&](const float* tile, int64_t tile_rows, int64_t r0, int64_t s) {
+                    store_tile_glu<decltype(tag)::value>(
+                        tile, tile_rows, std::min<int64_t>(16, cols - 16 * s), h, gu, n, r0,
+                        16 * s, accumulate, epilogue);
+                  });
   });
 }
 

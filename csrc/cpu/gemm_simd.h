@@ -42,5 +42,22 @@ void gemm_macro_avx512(const float* packed_a, const float* packed_b, int64_t row
                        int64_t cols, int64_t kc, float* c, int64_t ldc, bool accumulate,
                        const GemmEpilogue* epilogue);
 
+// The gated (GLU) variant, for B = [B_gate | B_up] (K x 2N) and C = act(A B_gate + b_gate) *
+// (A B_up + b_up) (M x N): each packed sliver holds 16 gate columns j .. j + 15 in its first
+// half and the up columns N + j .. N + j + 15 in its second, so one register tile carries
+// both accumulators of 16 output columns and the epilogue gates them in registers.
+// packed[s][k][c] = B(k, 16 s + c), packed[s][k][16 + c] = B(k, 16 s + c) shifted by
+// up_offset elements (N * col_stride), for the `cols` output columns; the rest is zero.
+void gemm_pack_b_glu_avx512(const float* b, int64_t row_stride, int64_t col_stride,
+                            int64_t kc, int64_t cols, int64_t up_offset, float* packed);
+// h[rows, cols] (row-major, leading dimension n) from packed A @ the packed GLU panel over
+// kc; gu is the [gate | up] buffer (rows of 2 n, the up half n further on): the k blocks
+// before the last store their partial sums there (accumulate: a later block adds them).
+// With `epilogue` (the last block): g = sum + bias[j], u = sum + bias[n + j] (bias offset
+// like h), [g | u] stored to gu when epilogue->preact is not null, h = act(g) * u.
+void gemm_macro_glu_avx512(const float* packed_a, const float* packed_b, int64_t rows,
+                           int64_t cols, int64_t kc, float* h, float* gu, int64_t n,
+                           bool accumulate, const GemmEpilogue* epilogue);
+
 }  // namespace cpu
 }  // namespace pykernels

@@ -26,10 +26,10 @@
 
 #include <type_traits>
 #include <utility>
-#include <vector>
 
 #include "cpu/gemm.h"
 #include "cpu/linear_act_simd.h"
+#include "cpu/row_passes.h"
 
 namespace pykernels {
 namespace cpu {
@@ -38,24 +38,6 @@ namespace {
 void check_activation(Activation act) {
   const int id = static_cast<int>(act);
   TORCH_CHECK(id >= 0 && id < kNumActivations, "pykernels: unknown activation id ", id);
-}
-
-// The backward pass never splits the bias sum into more than this many row chunks, so
-// the fp64 partial sums stay small whatever M is.
-constexpr int64_t kMaxRowChunks = 256;
-
-// Elements per parallel task of the element-wise passes (work per task >> task overhead).
-constexpr int64_t kGrainElements = 32768;
-
-int64_t row_grain(int64_t columns) {
-  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, columns));
-}
-
-// The ISA the passes run at for scalar_t: float32 takes the SIMD units, float64 the scalar
-// loops.
-template <typename scalar_t>
-CpuIsa isa_for() {
-  return std::is_same<scalar_t, float>::value ? cpu_isa() : CpuIsa::Scalar;
 }
 
 // The SIMD entry points, reachable from the generic code below for any scalar_t; only
@@ -116,17 +98,12 @@ void backward_cols_scalar(const scalar_t* dyp, const scalar_t* sp, scalar_t* dzp
   }
 }
 
-// A 2-D float32 tensor (any strides) as a GEMM operand.
-GemmOperand operand(const at::Tensor& t) {
-  return {t.data_ptr<float>(), t.stride(0), t.stride(1)};
-}
-
 // a @ b for 2-D tensors: gemm_f32 where it is preferred for float32, else ATen's mm.
 at::Tensor matrix_product(const at::Tensor& a, const at::Tensor& b) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   if (a.scalar_type() != at::kFloat || !gemm_f32_preferred(M, N, K)) return at::mm(a, b);
   at::Tensor out = at::empty({M, N}, a.options());
-  gemm_f32(operand(a), operand(b), out.data_ptr<float>(), M, N, K, GemmEpilogue{});
+  gemm_f32(gemm_operand(a), gemm_operand(b), out.data_ptr<float>(), M, N, K, GemmEpilogue{});
   return out;
 }
 
@@ -151,7 +128,8 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward(const at::Tensor& input,
     if (save_preact) epilogue.preact = preact.data_ptr<float>();
     epilogue.act = act;
     epilogue.negative_slope = static_cast<float>(negative_slope);
-    gemm_f32(operand(input), operand(weight.t()), out.data_ptr<float>(), M, N, K, epilogue);
+    gemm_f32(gemm_operand(input), gemm_operand(weight.t()), out.data_ptr<float>(), M, N, K,
+             epilogue);
     return {out, preact};
   }
   // The bias goes into the GEMM (beta = 1 onto the broadcast bias, as F.linear does): a
@@ -208,42 +186,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
       scalar_t* gbp = has_bias ? grad_bias.data_ptr<scalar_t>() : nullptr;
       const scalar_t slope = static_cast<scalar_t>(negative_slope);
       const CpuIsa isa = isa_for<scalar_t>();
-      // Row chunks sized from (M, N) alone: each chunk streams whole rows and sums its
-      // rows' dz into its own fp64 row of partials; the partials are then added chunk by
-      // chunk in order. The bias gradient is thus bitwise the same for any thread count.
-      const int64_t chunk_rows = std::max(row_grain(N), (M + kMaxRowChunks - 1) / kMaxRowChunks);
-      const int64_t chunks = (M + chunk_rows - 1) / chunk_rows;
-      std::vector<double> partial(gbp ? chunks * N : 0, 0.0);
-      at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-        for (int64_t c = chunk_begin; c < chunk_end; ++c) {
-          const int64_t offset = c * chunk_rows * N;
-          const int64_t rows = std::min(chunk_rows, M - c * chunk_rows);
-          double* acc = gbp ? partial.data() + c * N : nullptr;
-          if (isa != CpuIsa::Scalar) {
-            backward_cols_vec<scalar_t>(isa, act, saved_is_output, dyp + offset, sp + offset,
-                                        dzp + offset, acc, rows, N, 0, N, slope);
-            continue;
-          }
-          with_activation(act, [&](auto tag) {
-            constexpr Activation A = decltype(tag)::value;
-            if (saved_is_output)
-              backward_cols_scalar<A, true, scalar_t>(dyp + offset, sp + offset, dzp + offset,
-                                                      acc, rows, N, 0, N, slope);
-            else
-              backward_cols_scalar<A, false, scalar_t>(dyp + offset, sp + offset, dzp + offset,
-                                                       acc, rows, N, 0, N, slope);
-          });
+      // Each row chunk streams whole rows and sums its rows' dz into its fp64 partials.
+      rows_with_column_sums(M, N, gbp, [&](int64_t row0, int64_t rows, double* acc) {
+        const int64_t offset = row0 * N;
+        if (isa != CpuIsa::Scalar) {
+          backward_cols_vec<scalar_t>(isa, act, saved_is_output, dyp + offset, sp + offset,
+                                      dzp + offset, acc, rows, N, 0, N, slope);
+          return;
         }
-      });
-      if (gbp) {
-        at::parallel_for(0, N, kGrainElements, [&](int64_t n_begin, int64_t n_end) {
-          for (int64_t n = n_begin; n < n_end; ++n) {
-            double sum = 0.0;  // fp64: the float32 bias gradient is exact to its rounding
-            for (int64_t c = 0; c < chunks; ++c) sum += partial[c * N + n];
-            gbp[n] = static_cast<scalar_t>(sum);
-          }
+        with_activation(act, [&](auto tag) {
+          constexpr Activation A = decltype(tag)::value;
+          if (saved_is_output)
+            backward_cols_scalar<A, true, scalar_t>(dyp + offset, sp + offset, dzp + offset,
+                                                    acc, rows, N, 0, N, slope);
+          else
+            backward_cols_scalar<A, false, scalar_t>(dyp + offset, sp + offset, dzp + offset,
+                                                     acc, rows, N, 0, N, slope);
         });
-      }
+      });
     });
   }
   at::Tensor grad_input =

@@ -44,6 +44,8 @@
 #define PYKERNELS_VEC_BACKWARD linear_act_backward_cols_avx512
 #define PYKERNELS_VEC_SLEEF_TANH Sleef_tanhf16_u35
 #include "cpu/linear_act_vec_impl.h"
+#define PYKERNELS_VEC_GLU(name) name##_avx512
+#include "cpu/linear_glu_vec_impl.h"
 #define PYKERNELS_VEC_CE(name) name##_avx512
 #include "cpu/cross_entropy_vec_impl.h"
 #define PYKERNELS_VEC_ATTN(name) name##_avx512
