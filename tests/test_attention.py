@@ -1056,8 +1056,6 @@ ATTN_BAD = {
     "softcap_inf": (ValueError, r"softcap must be finite and in \(0.0, inf\), got inf"),
     "softcap_below_float32_triton": (ValueError, r"backend 'triton' takes softcap in "
                                                  r"\[1.17549e-38, 3.40282e\+38\], got 1e-40"),
-    "float_mask_requires_grad": (ValueError, "gradients with respect to attn_mask are not "
-                                             "supported by the kernel backends"),
     "head_dim_512_triton": (ValueError, "backend 'triton' supports head dims up to 256, got "
                                         "512; use backend 'cpu' or 'torch'"),
     "value_dim_300_triton": (ValueError, "backend 'triton' supports head dims up to 256, got "
@@ -1099,7 +1097,7 @@ def test_bad_input(monkeypatch, case):
         heads = {"heads_without_gqa": 2, "gqa_not_divisible": 3, "gqa_no_kv_heads": 0}[case]
         args[1], args[2] = k[:, :heads], v[:, :heads]
         kwargs["enable_gqa"] = case != "heads_without_gqa"
-    elif case.startswith("mask") or case in ("causal_with_mask", "float_mask_requires_grad"):
+    elif case.startswith("mask") or case == "causal_with_mask":
         kwargs["attn_mask"] = {
             "mask_not_tensor": [[True] * 6] * 5, "mask_int": torch.ones(5, 6, dtype=torch.long),
             "mask_other_float": torch.zeros(5, 6, dtype=torch.float64),
@@ -1107,7 +1105,6 @@ def test_bad_input(monkeypatch, case):
             "mask_extra_dim": torch.ones(3, 2, 4, 5, 6, dtype=torch.bool),
             "mask_device": torch.ones(5, 6, dtype=torch.bool, device="meta"),
             "causal_with_mask": torch.ones(5, 6, dtype=torch.bool),
-            "float_mask_requires_grad": torch.zeros(5, 6, requires_grad=True),
         }[case]
         kwargs["is_causal"] = case == "causal_with_mask"
     elif case.startswith("dropout"):

@@ -153,13 +153,26 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # lse never gets a gradient: no zeros for it
 
 
+def _composition_grads(ctx, inputs, needs, grad_out, what, create_graph=True):
+    """Gradients through the plain-PyTorch composition: for a graph of the gradient, and
+    for a float mask's gradient (the kernels never write the score gradients dS)."""
+    if ctx.options[-1] > 0:
+        raise RuntimeError(
+            f"pykernels.scaled_dot_product_attention: no {what} with dropout_p > 0, whose "
+            f"keep mask only the kernels draw; use dropout_p=0 or backend='torch'")
+    q, k, v, mask = inputs
+    return _contract.composition_grads(_composition(mask, ctx.options), (q, k, v, mask),
+                                       needs, (grad_out,), create_graph=create_graph)
+
+
 def _composition(mask, options):
-    """The plain-PyTorch attention of the kernel's (Z, H, L, E) operands and options."""
+    """The plain-PyTorch attention (of q, k, v, mask) of the kernels' (Z, H, L, E) operands
+    and options."""
     scale, causal, left, right, softcap, dropout_p = options
     window = None
     if left >= 0 or right >= 0:
         window = (left if left >= 0 else None, right if right >= 0 else None)
-    return lambda q, k, v: reference.scaled_dot_product_attention(
+    return lambda q, k, v, mask: reference.scaled_dot_product_attention(
         q, k, v, mask, 0.0, causal, scale, q.shape[1] != k.shape[1], window, softcap or None)
 
 
@@ -168,18 +181,18 @@ def _backward(ctx, grad_out, grad_lse):
         return (None,) * 12
     q, k, v, out, lse, mask, rng = ctx.saved_tensors
     if _contract.graph_requested():
-        if ctx.options[-1] > 0:
-            raise RuntimeError(
-                "pykernels.scaled_dot_product_attention: no graph of the gradient "
-                "(create_graph=True) with dropout_p > 0, whose keep mask only the kernels "
-                "draw; use dropout_p=0 or backend='torch'")
-        grads = _contract.composition_grads(_composition(mask, ctx.options), (q, k, v),
-                                            ctx.needs_input_grad[:3], (grad_out,))
-        return (*grads,) + (None,) * 9
+        grads = _composition_grads(ctx, (q, k, v, mask), ctx.needs_input_grad[:4], grad_out,
+                                   "graph of the gradient (create_graph=True)")
+        return (*grads,) + (None,) * 8
     dq, dk, dv = torch.ops.pykernels.attention_backward(
         grad_out.contiguous(), q, k, v, out, lse, mask, *ctx.options, rng, deterministic(),
         ctx.backend)
-    return (dq, dk, dv) + (None,) * 9
+    grad_mask = None
+    if ctx.needs_input_grad[3]:
+        grad_mask = _composition_grads(ctx, (q.detach(), k.detach(), v.detach(), mask),
+                                       (False, False, False, True), grad_out,
+                                       "gradient of attn_mask", create_graph=False)[3]
+    return (dq, dk, dv, grad_mask) + (None,) * 8
 
 
 torch.library.register_autograd(
@@ -327,9 +340,6 @@ def _check_backend(name, query, value, attn_mask, softcap):
         # The Triton kernels receive Python floats as float32 pairs (pykernels/triton).
         raise ValueError(f"backend 'triton' takes softcap in [{_F32_NORMAL:g}, "
                          f"{_F32_MAX:g}], got {softcap!r}; use backend 'cpu' or 'torch'")
-    if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.requires_grad:
-        raise ValueError("gradients with respect to attn_mask are not supported by the kernel "
-                         "backends: detach it, or use backend='torch'")
 
 
 def _triton_scaled_query(name, q4, scale):
