@@ -188,7 +188,8 @@ def measure_cases(machine, cases, *, shape, dtype, flops=None, nbytes=None, quic
     after another would charge it to whichever case ran then.
     """
     labels = [(op, backend, fn, make_inputs, mode, f"  {op:22} {backend:8} {shape:16} {mode:8}")
-              for op, backend, fn, make_inputs in cases for mode in modes]
+              for op, backend, fn, make_inputs in cases for mode in modes
+              if backend != "compile" or _compile_here]
 
     def row_of(label, ms, peak_mb):
         op, backend, _, _, mode, what = label
@@ -393,6 +394,31 @@ def report_checks(checks):
     return lines
 
 
+# A first contact with a GPU (scripts/gpu_run.sh) sets PYKERNELS_BENCH_SHAPES to the shapes
+# its targets are checked at, "8192,1024,4096;8192,4096,16384" (a shape tuple's values
+# joined by commas): they run first, in that order, and are the only ones with
+# torch.compile cases (a compile per shape would eat the call); with
+# PYKERNELS_BENCH_ONLY_LISTED=1 nothing else runs.
+_compile_here = True  # whether measure_cases keeps the "compile" cases of this shape
+
+
+def _listed_first(shapes):
+    """(shapes in run order, the shapes that get torch.compile) under PYKERNELS_BENCH_SHAPES."""
+    import os
+
+    spec = os.environ.get("PYKERNELS_BENCH_SHAPES", "")
+    if not spec:
+        return list(shapes), set(shapes)
+    by_key = {",".join(map(str, s)): s for s in shapes}
+    listed = [by_key[k] for k in spec.split(";") if k in by_key]
+    missing = [k for k in spec.split(";") if k not in by_key]
+    if missing:
+        print(f"PYKERNELS_BENCH_SHAPES: not shapes of this benchmark: {missing}")
+    rest = [] if os.environ.get("PYKERNELS_BENCH_ONLY_LISTED") == "1" else [
+        s for s in shapes if s not in listed]
+    return listed + rest, set(listed)
+
+
 def run_benchmark(family, machine, notes, shapes, run_shape, targets, out, quick):
     """The body every family's main shares: measure the ceilings (into the notes), then
     ``run_shape(shape)`` (a generator of rows) per shape; on the way out, even when stopped
@@ -407,10 +433,13 @@ def run_benchmark(family, machine, notes, shapes, run_shape, targets, out, quick
         notes.append(f"ceiling {r['op'].removeprefix('ceiling_')} {r['shape']} {r['dtype']}: "
                      f"{rate}")
     print("\n".join(notes))
+    global _compile_here
     rows = []
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
+    shapes, compile_at = _listed_first(shapes)
     try:
         for shape in shapes:
+            _compile_here = shape in compile_at
             for row in run_shape(shape):
                 rows.append(row)
     finally:

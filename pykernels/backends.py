@@ -13,7 +13,10 @@ the PYKERNELS_BACKEND environment variable, then "auto".
 import contextlib
 import importlib
 import importlib.util
+import json
 import os
+import warnings
+from pathlib import Path
 
 import torch
 
@@ -33,14 +36,48 @@ _DTYPES = {
 
 # "auto": the first backend in this order that is available and takes the dtype.
 # On the CPU the fused C++ path is measured at least as fast as eager (bench/results).
-# On CUDA the order is provisional until the GPU benchmark has ranked the backends:
-# float32 stays on cuBLAS through the reference (our float32 GEMM is exact-FMA, not
-# tensor-core), the half types go to our kernels.
-_AUTO_ORDER = {
+# On CUDA "auto" picks only paths with evidence. Without GPU results, the half types go
+# to triton (compiled for sm_90 in CI, numerics tested in the interpreter) and float32 to
+# the torch composition (cuBLAS); the cuda kernels have never run on a GPU, so they are
+# chosen only by backend="cuda" until a GPU run ranks them. A GPU run of
+# scripts/gpu_run.sh writes bench/results/auto_order.json (bench/auto_order.py): the
+# backends that passed their cuda-marked tests, fastest first; it replaces these orders.
+_EVIDENCE_FREE_ORDER = {
     ("cpu", "float"): ("cpu", "torch"),
     ("cuda", "float32"): ("torch",),
-    ("cuda", "half"): ("cuda", "triton", "torch"),
+    ("cuda", "half"): ("triton", "torch"),
 }
+AUTO_ORDER_FILE = Path(__file__).resolve().parent.parent / "bench" / "results" / "auto_order.json"
+
+
+def load_auto_order(path=AUTO_ORDER_FILE):
+    """The "auto" orders: the evidence-free ones, with those for CUDA that ``path`` (a JSON
+    file of GPU results, {"order": {"cuda/half": [...], "cuda/float32": [...]}, ...}) gives.
+
+    The torch composition always ends an order, as the fallback. A missing file means no
+    GPU evidence; a malformed one is reported and ignored.
+    """
+    order = dict(_EVIDENCE_FREE_ORDER)
+    try:
+        with open(path) as f:
+            measured = json.load(f)["order"]
+        for key, names in measured.items():
+            device_type, dtype_class = key.split("/")
+            if (device_type, dtype_class) not in order or device_type != "cuda":
+                raise ValueError(f"unknown key {key!r}")
+            if not set(names) <= set(BACKENDS):
+                raise ValueError(f"unknown backend in {names!r}")
+            order[(device_type, dtype_class)] = (*(n for n in names if n != "torch"), "torch")
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        warnings.warn(f"pykernels: ignoring {path} ({err!r}); auto uses the evidence-free "
+                      f"order", stacklevel=2)
+        return dict(_EVIDENCE_FREE_ORDER)
+    return order
+
+
+_AUTO_ORDER = load_auto_order()
 
 _stack = []  # use_backend's selections, innermost last
 

@@ -28,9 +28,10 @@ fi
 "$PY" -c "import transformers" 2>/dev/null || "$PY" -m pip install --quiet --retries 1 --timeout 10 transformers >/dev/null 2>&1 || echo "setup: transformers not installed (optional: tests/test_hf.py skips)"
 
 # Rebuild only when the extension is missing or older than a source it is built from.
-so=$(ls pykernels/_C*.so 2>/dev/null | head -n 1 || true)
+# This interpreter's own extension file (CI's twin builds a second one, for Python 3.12).
+so=pykernels/_C$("$PY" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
 stale=1
-if [ -n "$so" ] && (cd /tmp && "$PY" -c "import pykernels._C") 2>/dev/null; then
+if [ -f "$so" ] && (cd /tmp && "$PY" -c "import pykernels._C") 2>/dev/null; then
   newer=$(find csrc kernels setup.py -newer "$so" -type f | head -n 1)
   [ -z "$newer" ] && stale=0
 fi

@@ -6,6 +6,7 @@ variable must be set before anything imports triton, so it is set here, first.
 
 import itertools
 import os
+import signal
 
 import torch
 
@@ -76,3 +77,28 @@ def cpu_backend_one_thread():
 def _no_backend_env(monkeypatch):
     """Tests pick backends explicitly; a PYKERNELS_BACKEND from the shell must not leak in."""
     monkeypatch.delenv("PYKERNELS_BACKEND", raising=False)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """PYKERNELS_TEST_TIMEOUT=S fails a test whose call runs longer than S seconds.
+
+    scripts/gpu_run.sh sets it, so that one hung or endlessly compiling test cannot eat the
+    GPU call; pytest-timeout may be absent there and nothing can be installed. SIGALRM:
+    a test blocked inside C code fails when control comes back to Python.
+    """
+    seconds = float(os.environ.get("PYKERNELS_TEST_TIMEOUT", "0"))
+    if seconds <= 0:
+        yield
+        return
+
+    def expire(signum, frame):
+        pytest.fail(f"timed out after {seconds:g} s (PYKERNELS_TEST_TIMEOUT)", pytrace=False)
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
