@@ -116,8 +116,7 @@ def fuse(module, *, inplace=True, verbose=False):
     return the model: ``module`` itself, a fused deep copy with ``inplace=False``, or the
     replacement when ``module`` itself is swapped (e.g. a bare MultiheadAttention).
     ``verbose=True`` prints the :class:`FuseReport`; :func:`explain_fuse` returns it."""
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    _check_module(module)
     if not inplace:
         module = copy.deepcopy(module)
     report = _Fuser(dry_run=False).run(module)
@@ -129,9 +128,13 @@ def fuse(module, *, inplace=True, verbose=False):
 def explain_fuse(module):
     """The :class:`FuseReport` of what :func:`fuse` would swap and skip in ``module``,
     leaving ``module`` unchanged (a dry run: nothing is rebound, registered or copied)."""
+    _check_module(module)
+    return _Fuser(dry_run=True).run(module)
+
+
+def _check_module(module):
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
-    return _Fuser(dry_run=True).run(module)
 
 
 def _qualify(prefix, name):

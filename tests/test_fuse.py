@@ -353,6 +353,8 @@ def test_fused_layers_built_directly():
 def test_not_a_module():
     with pytest.raises(TypeError, match="module must be a torch.nn.Module, got function"):
         pykernels.fuse(lambda x: x)
+    with pytest.raises(TypeError, match="module must be a torch.nn.Module, got int"):
+        pykernels.explain_fuse(3)
     with pytest.raises(TypeError, match="layer must be a torch.nn.modules"):
         pykernels.nn.TransformerEncoderLayer.from_torch(nn.Linear(2, 2))
     with pytest.raises(TypeError, match="attention must be"):
@@ -422,8 +424,42 @@ def test_attribute_pairs_that_are_not_fused_are_reported():
     assert skipped["softplus.fc1"] == "no fused kernel for Softplus(beta=1.0, threshold=20.0)"
     assert len(skipped) == 4
     x = torch.randn(3, 6, dtype=DT)
-    for key, block in model.items():
+    for block in model.values():
         assert_fused_matches(block, x, expect_swaps=[])
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, names=("gate_proj", "up_proj", "down_proj"), bias=False):
+        super().__init__()
+        self.names = names
+        for name, (n_in, n_out) in zip(names, ((8, 20), (8, 20), (20, 8)), strict=True):
+            setattr(self, name, nn.Linear(n_in, n_out, bias=bias))
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x):
+        gate, up, down = (getattr(self, name) for name in self.names)
+        return down(self.act_fn(gate(x)) * up(x))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_gated_mlp_becomes_gated_mlp(bias):
+    torch.manual_seed(0)
+    model = nn.Sequential(SwiGLU(bias=bias), nn.Linear(8, 3)).to(DT)
+    fused, _ = assert_fused_matches(model, torch.randn(5, 7, 8, dtype=DT), expect_swaps=[
+        ("0", "pykernels.nn.GatedMLP(activation=silu)")])
+    assert type(fused[0]) is pykernels.nn.GatedMLP
+
+
+def test_gated_mlp_with_other_names_fuses_only_its_gate():
+    """Not a GatedMLP (its state_dict keys would change), reported; its gate and activation
+    still fuse as a pair."""
+    torch.manual_seed(0)
+    model = SwiGLU(names=("w1", "w3", "w2")).to(DT)
+    _, report = assert_fused_matches(model, torch.randn(5, 8, dtype=DT), expect_swaps=[
+        ("w1", "pykernels.nn.Linear(activation=silu) + Identity")])
+    assert report.skipped == [("", "SwiGLU", "gated MLP with children ('w1', 'w3', 'w2'): "
+                                             "GatedMLP keeps the names gate_proj, up_proj, "
+                                             "down_proj")]
 
 
 def test_need_weights_warns_once_and_the_report_says_so():

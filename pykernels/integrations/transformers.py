@@ -190,7 +190,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                       is_causal=None, softcap=None, **kwargs):
     """transformers' attention-function contract on
     :func:`pykernels.scaled_dot_product_attention`: query (B, H, L, E), key and value
-    (B, Hkv, S, E) -> (output (B, L, H, E), None)."""
+    (B, Hkv, S, E) -> (output (B, L, H, E), None). The ``sliding_window`` keyword some
+    models pass is not read: the mask (a MaskLayout, or a dense mask) already holds the
+    window, with the cache's offsets."""
     for name in _UNSUPPORTED:
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"pykernels attention has no option for {name}; use "
