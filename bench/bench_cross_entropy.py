@@ -13,10 +13,21 @@ as a multiple of (input + weight + their gradients).
 
 Losses are backpropagated with grad_output = 1, as loss.backward() does. bf16 on GPU,
 float32 on CPU. Writes cross_entropy_<device>.csv/.md/.png and prints the targets.
+
+Both autograd modes of the fused losses are measured side by side: the default (PyTorch's
+contract: nothing saved is modified; cross_entropy recomputes the gradient from the kept
+logits in the backward, linear_cross_entropy scales its chunk-wise gradients into new
+tensors) and ``inplace_backward=True`` (backend label "<backend>-inplace": the gradient is
+written by the forward and scaled in place). Peak memory: on GPU the allocator's peak; on
+CPU the peak resident memory one fwd+bwd adds above its inputs, each case measured once in
+a fresh process (CPU cross_entropy only).
 """
 
 import functools
+import multiprocessing
+import resource
 import sys
+import types
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
@@ -73,9 +84,14 @@ def ce_cases(machine):
         if liger:
             cases.append(("liger", lambda x, t: liger[0](x, t)))
     for backend in _our_backends(machine):
-        cases.append((backend or "auto", functools.partial(pykernels.cross_entropy,
-                                                           backend=backend)))
+        for inplace in (False, True):
+            cases.append((_label(backend, inplace), functools.partial(
+                pykernels.cross_entropy, backend=backend, inplace_backward=inplace)))
     return cases
+
+
+def _label(backend, inplace):
+    return (backend or "auto") + ("-inplace" if inplace else "")
 
 
 def lce_eager(x, w, t):
@@ -96,9 +112,37 @@ def lce_cases(machine):
         cases.append(("torch_chunked", lambda x, w, t: F.linear_cross_entropy(
             x, w, t, options=options)))
     for backend in _our_backends(machine):
-        cases.append((backend or "auto", functools.partial(pykernels.linear_cross_entropy,
-                                                           backend=backend)))
+        for inplace in (False, True):
+            cases.append((_label(backend, inplace), functools.partial(
+                pykernels.linear_cross_entropy, backend=backend, inplace_backward=inplace)))
     return cases
+
+
+def _peak_rss_child(backend, n, v, queue):
+    """In a fresh process: the peak resident memory (MB) one fwd+bwd of cross_entropy case
+    ``backend`` adds above its live inputs (Linux ru_maxrss, KiB; large blocks are mmapped
+    and returned on free, so the high-water mark tracks live tensors)."""
+    torch.manual_seed(0)
+    x = (torch.randn(n, v) * 4).requires_grad_()
+    t = torch.randint(0, v, (n,))
+    cpu = types.SimpleNamespace(device=torch.device("cpu"), is_cuda=False)
+    fn = dict(ce_cases(cpu))[backend]
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn(x, t).backward()
+    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+
+
+def cpu_peak_rss_mb(labels, n, v):
+    """{label: MB} of _peak_rss_child, one spawned process per case."""
+    context = multiprocessing.get_context("spawn")
+    peaks = {}
+    for label in labels:
+        queue = context.Queue()
+        child = context.Process(target=_peak_rss_child, args=(label, n, v, queue))
+        child.start()
+        peaks[label] = queue.get(timeout=600)
+        child.join()
+    return peaks
 
 
 def run_shape(machine, shape, quick):
@@ -116,8 +160,19 @@ def run_shape(machine, shape, quick):
 
         nbytes = {"fwd": n * v * size, "fwd+bwd": 2 * n * v * size}
         cases = [("cross_entropy", name, fn, inputs) for name, fn in ce_cases(machine)]
-        yield from common.measure_cases(machine, cases, shape=f"{n}x{v}", nbytes=nbytes,
-                                        modes=MODES, **where)
+        rows = common.measure_cases(machine, cases, shape=f"{n}x{v}", nbytes=nbytes,
+                                    modes=MODES, **where)
+        if machine.is_cuda or quick:
+            yield from rows
+            return
+        rows = list(rows)
+        peaks = cpu_peak_rss_mb([name for _, name, _, _ in cases], n, v)
+        for row in rows:
+            if row["mode"] == "fwd+bwd":
+                row["peak_mem_mb"] = peaks[row["backend"]]
+                print(f"  peak memory of one fwd+bwd, {row['backend']}: "
+                      f"{row['peak_mem_mb']:.0f} MB", flush=True)
+            yield row
         return
     _, n, h, v = shape
 
