@@ -23,9 +23,15 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   "$PY" -m pip install --quiet "${missing[@]}"
 fi
-# transformers is optional (tests/test_hf.py skips without it; it depends on no torch):
-# installed where missing and reachable, skipped quietly where not (the GPU machine is offline)
-"$PY" -c "import transformers" 2>/dev/null || "$PY" -m pip install --quiet --retries 1 --timeout 10 transformers >/dev/null 2>&1 || echo "setup: transformers not installed (optional: tests/test_hf.py skips)"
+# Optional test packages, neither depending on torch: transformers (tests/test_hf.py) and
+# expecttest (PyTorch's OpInfo samples in tests/test_autograd_contract.py); the tests that
+# need one skip without it. Installed where missing and reachable, skipped quietly where
+# not (the GPU machine is offline).
+for package in transformers expecttest; do
+  "$PY" -c "import $package" 2>/dev/null \
+    || "$PY" -m pip install --quiet --retries 1 --timeout 10 "$package" >/dev/null 2>&1 \
+    || echo "setup: $package not installed (optional: the tests that need it skip)"
+done
 
 # Rebuild only when the extension is missing or older than a source it is built from.
 # This interpreter's own extension file (CI's twin builds a second one, for Python 3.12).
