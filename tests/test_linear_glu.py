@@ -200,9 +200,10 @@ def test_inference_writes_no_preactivations():
 GEMM_SHAPES = [(2053, 300, 141), (2050, 700, 1030)]
 
 
-@pytest.mark.parametrize("activation", ["silu", "gelu", "relu"])
-@pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_cpu_gemm_sizes_match_float64_reference(activation, shape):
+@pytest.mark.parametrize("shape, activation", [(GEMM_SHAPES[0], "gelu"), (GEMM_SHAPES[1], "silu"),
+                                               (GEMM_SHAPES[1], "relu")],
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)
+def test_cpu_gemm_sizes_match_float64_reference(shape, activation):
     m, k, n = shape
     exact = make_inputs((m,), k, n, True, seed=k)
     grad_out = torch.randn(m, n, dtype=torch.float64)
@@ -230,17 +231,16 @@ def test_cpu_gemm_is_bitwise_reproducible_across_thread_counts():
         assert torch.equal(a, e)
 
 
-@pytest.mark.parametrize("capability", ["avx2", "default"])
-def test_cpu_fallbacks_below_avx512(capability):
-    """With torch's CPU capability lowered, ATen's GEMM and the AVX2 or scalar loops run."""
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+def test_cpu_avx2_loops():
+    """With torch's CPU capability lowered to AVX2, the AVX2 unit's loops run (this machine
+    would otherwise take the AVX-512 ones). The scalar loops are the float64 ones above."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "test_cpu_gemm_sizes_match_float64_reference and 2053 and silu or "
-               "test_float32_matches_float64_reference and cpu and (sigmoid or leaky_relu)"],
+         "-k", "test_float32_matches_float64_reference and cpu and (silu or leaky_relu)"],
         env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "\n3 passed" in result.stdout  # 1 gemm-sized, sigmoid and leaky_relu
+    assert "\n2 passed" in result.stdout  # silu and leaky_relu (ATen's GEMM below 2048 rows)
 
 
 # ---- registration: opcheck, torch.compile, the autograd contract -------------------------
