@@ -544,3 +544,37 @@ def test_compiled_training_step_keeps_the_contract():
     compiled = torch.compile(step, fullgraph=True)
     compiled_grads = torch.autograd.grad(compiled(x, w, b), (x, w, b))
     assert_close_all(compiled_grads, eager_grads)
+
+
+def _train_step_grads(model, x, seed):
+    torch.manual_seed(seed)  # the same dropout masks for the fused and the torch model
+    model(x).square().sum().backward()
+    return [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_modules_followed_by_inplace_layers(backend):
+    """In-place layers after fused ones work as after torch's: Linear then
+    ReLU(inplace=True), and a fused MLP with Dropout(inplace=True) after its layers. (Where
+    torch raises, e.g. Dropout(inplace=True) right after ReLU, whose backward keeps its
+    output, the fused layer raises the same error: test_inplace_change_of_the_output.)"""
+    torch.manual_seed(70)
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(inplace=True),
+                                torch.nn.Linear(8, 6), torch.nn.GELU(),
+                                torch.nn.Dropout(0.3, inplace=True), torch.nn.Linear(6, 3),
+                                torch.nn.Dropout(0.3, inplace=True))
+    plain = plain.double()
+    fused = pykernels.fuse(plain, inplace=False)
+    swapped = [type(m).__name__ for m in fused.modules()]
+    assert "ReLU" not in swapped and "GELU" not in swapped  # fused into their Linears
+    x = _randn(5, 4, seed=71, grad=False)
+    with pykernels.use_backend(backend):
+        ours = _train_step_grads(fused, x, seed=72)
+    assert_close_all(ours, _train_step_grads(plain, x, seed=72))
+    layer = torch.nn.Sequential(pykernels.nn.Linear(4, 8, dtype=F64),
+                                torch.nn.ReLU(inplace=True))
+    twin = torch.nn.Sequential(torch.nn.Linear(4, 8, dtype=F64), torch.nn.ReLU(inplace=True))
+    twin.load_state_dict(layer.state_dict())
+    with pykernels.use_backend(backend):
+        ours = _train_step_grads(layer, x, 0)
+    assert_close_all(ours, _train_step_grads(twin, x, 0))
