@@ -8,24 +8,36 @@ pykernels.triton.cross_entropy), with the math in kernels/cross_entropy.h:
                      fp64 logits); when grad is given, scale * dloss/dlogits is written there
   cross_entropy_scale_grad_(grad (A, C, B), scale)    grad *= scale, per row or one scalar
 
-The gradient is written by the forward, in the same pass over the logits that computes
-the loss (the row is still in cache), already divided by the mean's denominator. The
-backward then only multiplies it by grad_output, in place, and the kernels skip that
+cross_entropy, by default (PyTorch's autograd contract: nothing saved is modified): the
+forward computes the loss alone and keeps the logits, as eager keeps its log-softmax; the
+backward runs the row kernel once more with scale = grad_output / the mean's denominator
+(per row for 'none'), writing the gradient into a new tensor. A second backward gives the
+same gradient.
+
+cross_entropy(inplace_backward=True), the memory trick of fused losses: the forward writes
+the gradient in the same pass over the logits that computes the loss (the row is still in
+cache), already divided by the mean's denominator, and keeps only it (the logits may be
+freed). The backward multiplies it by grad_output in place, and the kernels skip that
 multiply where grad_output is exactly 1, deciding it on the device: the usual
-``loss.backward()`` moves the logits once and the gradient once in total, against the
-three extra passes of recomputing softmax from a saved logsumexp. Because the backward
-consumes the saved gradient in place, a second backward through the same graph raises
-autograd's "modified by an inplace operation" error instead of giving a wrong result.
+``loss.backward()`` moves the logits once and the gradient once in total. Because the
+backward consumes the saved gradient, a second backward through the same graph raises
+autograd's "modified by an inplace operation" error instead of giving a wrong result, and
+a graph of the gradient (create_graph=True) cannot be built (a clear error).
 Without autograd (no_grad, or logits that do not require grad) only the loss is computed.
+A probability target's gradient and any graph of the gradient come from the plain-PyTorch
+composition (pykernels/ops/_contract.py).
 
 Registered as torch.library custom ops with fake kernels and autograd:
 
   pykernels::cross_entropy_forward(input, target, weight, ignore_index, label_smoothing,
       z_loss, softcap, reduction, compute_grad, backend) -> (loss, grad_input)
+      (compute_grad: inplace_backward's gradient written by the forward)
+  pykernels::cross_entropy_backward(grad_loss, input, target, weight, ignore_index,
+      label_smoothing, z_loss, softcap, reduction, backend) -> grad_input
   pykernels::cross_entropy_scale_grad_(grad!, grad_output, backend) -> ()
   pykernels::linear_cross_entropy_forward(input, linear_weight, target, linear_bias, weight,
       ignore_index, label_smoothing, z_loss, softcap, reduction, chunk_size, compute_grad,
-      backend) -> (loss, grad_input, grad_linear_weight, grad_linear_bias)
+      inplace_backward, backend) -> (loss, grad_input, grad_linear_weight, grad_linear_bias)
   pykernels::linear_cross_entropy_backward(grad_loss, input, linear_weight, target,
       linear_bias, weight, ignore_index, label_smoothing, z_loss, softcap, chunk_size,
       backend) -> (grad_input, grad_linear_weight, grad_linear_bias)
@@ -35,8 +47,10 @@ kernel turns them into their gradient in place, then grad_x_chunk = dlogits @ W 
 grad_W += dlogits^T @ x_chunk (each GEMM accumulating in fp32; grad_W adds chunk by chunk in
 W's dtype, as torch's own chunked linear_cross_entropy does on CUDA, so no (V, H) fp32 buffer
 is held), grad_b += column sums in fp32. Peak extra memory is one (chunk, V) logits block.
-With reduction='none' the per-row grad_output is only known in the backward, so the
-forward computes the loss alone and the backward recomputes the chunks.
+With 'mean' and 'sum' the forward keeps these gradients and the backward returns them times
+grad_output as new tensors (inplace_backward=True: scaled in place). With reduction='none'
+the per-row grad_output is only known in the backward, so the forward computes the loss
+alone and the backward recomputes the chunks.
 """
 
 import torch
