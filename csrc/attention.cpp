@@ -10,7 +10,7 @@
 #include "cpu/attention.h"
 
 #ifdef PYKERNELS_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: it needs cuBLAS/cuSPARSE headers
 #include <c10/cuda/CUDAGuard.h>
 
 #include "attention.h"
@@ -115,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::T
   int64_t out_strides[4];
   copy_strides(out, out_strides);
   check_cuda(cuda::attention_forward(args, out.data_ptr(), out_strides, lse.data_ptr<float>(),
-                                     at::cuda::getCurrentCUDAStream().stream()),
+                                     c10::cuda::getCurrentCUDAStream().stream()),
              "attention_forward (cuda)");
   return {out, lse};
 }
@@ -146,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
                                       dout.data_ptr(), dout_strides, dq.data_ptr(), dq_strides,
                                       dk.data_ptr(), dk_strides, dv.data_ptr(), dv_strides,
                                       workspace.data_ptr(),
-                                      at::cuda::getCurrentCUDAStream().stream()),
+                                      c10::cuda::getCurrentCUDAStream().stream()),
              "attention_backward (cuda)");
   return {dq, dk, dv};
 }

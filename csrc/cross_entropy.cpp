@@ -8,7 +8,7 @@
 #include "cpu/cross_entropy.h"
 
 #ifdef PYKERNELS_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: it needs cuBLAS/cuSPARSE headers
 #include <c10/cuda/CUDAGuard.h>
 
 #include "cross_entropy.h"
@@ -93,7 +93,7 @@ at::Tensor rows_cuda(const at::Tensor& logits, const at::Tensor& target,
     args.scale = scale->const_data_ptr<float>();
     args.scale_stride = scale->numel() == 1 ? 0 : 1;
   }
-  check_cuda(cuda::cross_entropy_forward(args, at::cuda::getCurrentCUDAStream().stream()),
+  check_cuda(cuda::cross_entropy_forward(args, c10::cuda::getCurrentCUDAStream().stream()),
              "cross_entropy_forward");
   return loss;
 }
@@ -132,7 +132,7 @@ void cross_entropy_scale_grad_(at::Tensor& grad, const at::Tensor& scale) {
     check_cuda(cuda::cross_entropy_scale_grad(cuda_dtype(grad), grad.data_ptr(), A, C, B,
                                               scale.const_data_ptr<float>(),
                                               scale.numel() == 1 ? 0 : 1,
-                                              at::cuda::getCurrentCUDAStream().stream()),
+                                              c10::cuda::getCurrentCUDAStream().stream()),
                "cross_entropy_scale_grad");
     return;
 #else

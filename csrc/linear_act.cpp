@@ -7,7 +7,7 @@
 #include "cpu/linear_act.h"
 
 #ifdef PYKERNELS_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: it needs cuBLAS/cuSPARSE headers
 #include <c10/cuda/CUDAGuard.h>
 
 #include "cuda_checks.h"
@@ -54,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& input_arg,
                                       out.data_ptr(), save_preact ? preact.data_ptr() : nullptr,
                                       M, N, K, act, static_cast<float>(negative_slope),
                                       cuda::GemmCore::Auto,
-                                      at::cuda::getCurrentCUDAStream().stream()),
+                                      c10::cuda::getCurrentCUDAStream().stream()),
              "linear_act_forward");
   return {out, preact};
 }
@@ -64,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& saved_arg, Activation act, double negative_slope, bool saved_is_output,
     bool has_bias, bool need_input_grad, bool need_weight_grad) {
   const c10::cuda::CUDAGuard guard(grad_out_arg.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const cuda::DType dtype = cuda_dtype(grad_out_arg);
   const at::Tensor dy = grad_out_arg.contiguous();
   const int64_t M = dy.size(0), N = dy.size(1);

@@ -78,8 +78,12 @@ from pykernels.triton.linear_act import _TL_DTYPES, _acc_dtype, _input_precision
 
 @triton.jit
 def _u32(x):
-    """An int32 argument (see _i32_halves) as the uint32 of the same bits."""
-    return tl.to_tensor(x).to(tl.uint32, bitcast=True)
+    """An int32 argument (see _i32_halves) as the uint32 of the same bits.
+
+    tl.cast, not x.to: a launch specialises an argument equal to 1 into a constexpr, which
+    has no .to, and tl.cast makes a tensor of it first (Triton 3.6 has no tl.to_tensor).
+    """
+    return tl.cast(x, tl.uint32, bitcast=True)
 
 
 @triton.jit
@@ -445,13 +449,24 @@ def _attn_bwd_dq_kernel(
 # Launch configuration and wrappers
 # ---------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) by max(BLOCK_E, BLOCK_EV), for 16-bit inputs.
-# First guesses after the Triton tutorial's fused attention (H100), not tuned here;
-# _config shrinks them to the shared memory of the device and the element size.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by max(BLOCK_E, BLOCK_EV) and element size.
+# 16-bit: first guesses after the Triton tutorial's fused attention (H100), not tuned on a
+# GPU yet; 8 warps throughout and smaller tiles at head dim 256, the largest that compile
+# for sm_90 without spilling with every option on (dropout's Philox draws hold many
+# registers; CI's AOT table, scripts/triton_aot.py). float32 multiplies exactly on CUDA
+# cores with operands in registers, so its tiles are smaller still (at 16-bit sizes it
+# spilled 20-60 KB). _config shrinks them to the shared memory of the device.
 _CONFIGS = {
-    "fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2)},
-    "dkdv": {64: (32, 128, 4, 3), 128: (32, 64, 4, 3), 256: (16, 64, 8, 2)},
-    "dq": {64: (128, 32, 4, 3), 128: (64, 32, 4, 3), 256: (64, 32, 8, 2)},
+    2: {
+        "fwd": {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)},
+        "dkdv": {64: (32, 128, 8, 3), 128: (32, 64, 8, 3), 256: (16, 64, 8, 2)},
+        "dq": {64: (128, 32, 8, 3), 128: (64, 32, 8, 3), 256: (32, 32, 8, 2)},
+    },
+    4: {
+        "fwd": {64: (64, 64, 8, 2), 128: (64, 32, 8, 2), 256: (32, 32, 8, 2)},
+        "dkdv": {64: (32, 32, 8, 2), 128: (32, 32, 8, 2), 256: (16, 32, 8, 2)},
+        "dq": {64: (64, 32, 8, 2), 128: (16, 32, 8, 2), 256: (16, 32, 8, 2)},
+    },
 }
 _INTERPRET_BLOCK = 16  # small tiles under the interpreter exercise the loops and masks
 _DELTA_ROWS = 64
@@ -488,7 +503,8 @@ def _config(kind, device, block_e, block_ev, size, has_mask):
     if _interpreting():
         return _INTERPRET_BLOCK, _INTERPRET_BLOCK, 1, 1
     d = max(block_e, block_ev)
-    block_m, block_n, warps, stages = _CONFIGS[kind][64 if d <= 64 else 128 if d <= 128 else 256]
+    bucket = 64 if d <= 64 else 128 if d <= 128 else 256
+    block_m, block_n, warps, stages = _CONFIGS[size][kind][bucket]
     budget = _smem_budget(device.index if device.index is not None else
                           torch.cuda.current_device())
     while _smem_estimate(kind, block_m, block_n, stages, block_e, block_ev, size,

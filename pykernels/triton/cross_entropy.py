@@ -321,7 +321,10 @@ def _rows_config(A, C, B):
     rows = max(1, max_tile // block_c)
     rows = min(rows, triton.next_power_of_2(B if B > 1 else A))
     elements = rows * block_c
-    num_warps = 1 if elements <= 256 else 4 if elements <= 1024 else 8 if elements <= 2048 else 16
+    # A 2048-element tile of several rows gets 16 warps: at 8, ptxas holds the rows kernel to
+    # 128 registers and spills in float32 (CI's AOT table, scripts/triton_aot.py).
+    num_warps = (1 if elements <= 256 else 4 if elements <= 1024
+                 else 8 if elements <= 2048 and rows == 1 else 16)
     return rows, block_c, num_warps
 
 

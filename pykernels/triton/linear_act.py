@@ -230,8 +230,13 @@ def _fitting_configs(configs, named_args, **kwargs):
             return False
         return c.num_stages * (m + n) * k * a.element_size() <= limit
 
-    kept = [c for c in configs if fits(c)] or configs[-1:]
-    return kept if os.environ.get("PYKERNELS_TRITON_AUTOTUNE", "1") != "0" else kept[:1]
+    return first_contact([c for c in configs if fits(c)] or configs[-1:])
+
+
+def first_contact(configs):
+    """PYKERNELS_TRITON_AUTOTUNE=0 (scripts/gpu_run.sh's default): the first of the configs
+    an autotuner's prune kept, nothing to benchmark; else all of them."""
+    return configs[:1] if os.environ.get("PYKERNELS_TRITON_AUTOTUNE", "1") == "0" else configs
 
 
 @triton.autotune(configs=_gemm_configs(),

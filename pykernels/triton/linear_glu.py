@@ -31,6 +31,7 @@ from pykernels.triton.linear_act import (
     _activation_backward,
     _column_sum_kernel,
     _input_precision,
+    first_contact,
     _slope,
     _split_slope,
     _tile_rows_cols,
@@ -75,7 +76,7 @@ def _prune(configs, named_args, **kwargs):
         return c.num_stages * (k["BLOCK_M"] + 2 * k["BLOCK_N"]) * k["BLOCK_K"] * size
 
     fitting = [c for c in configs if smem(c) <= _SMEM_LIMIT]
-    return fitting or [min(configs, key=smem)]
+    return first_contact(fitting or [min(configs, key=smem)])
 
 
 @triton.autotune(configs=_configs(), key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "INPUT_PRECISION"],
