@@ -123,7 +123,9 @@ def _peak_rss_child(backend, n, v, queue):
     ``backend`` adds above its live inputs (Linux ru_maxrss, KiB; large blocks are mmapped
     and returned on free, so the high-water mark tracks live tensors)."""
     torch.manual_seed(0)
-    x = (torch.randn(n, v) * 4).requires_grad_()
+    # filled in place: a temporary as large as x would raise the high-water mark before
+    # the measured call
+    x = torch.empty(n, v).normal_(0.0, 4.0).requires_grad_()
     t = torch.randint(0, v, (n,))
     cpu = types.SimpleNamespace(device=torch.device("cpu"), is_cuda=False)
     fn = dict(ce_cases(cpu))[backend]
