@@ -348,6 +348,24 @@ def test_other_mask_patterns_get_the_dense_mask():
     assert isinstance(chunked, torch.Tensor) and not chunked[0, 0, 2, 1]
 
 
+def test_registered_implementation_is_selectable_by_name():
+    """After register(), models take attn_implementation="pykernels" from their config, as
+    from_pretrained would pass it; options without a fused equivalent raise."""
+    hf.register()
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **_SMALL, attn_implementation="pykernels")).to(DT)
+    assert model.config._attn_implementation == "pykernels"
+    reference = _llama().to(DT)
+    reference.load_state_dict(model.state_dict())
+    ids = _tokens()
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-10,
+                               atol=1e-12)
+    q = torch.randn(1, 2, 3, 4, dtype=DT)
+    with pytest.raises(NotImplementedError, match="no option for position_bias"):
+        hf.attention_forward(None, q, q, q, None, position_bias=q)
+
+
 def test_import_pykernels_does_not_import_transformers():
     code = "import sys, pykernels; sys.exit('transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
