@@ -168,25 +168,32 @@ def cross_entropy_forward(
     compute_grad: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    rows_kernel, _ = _kernels(backend)
-    acc = _acc_dtype(input.dtype)
-    logits = _view3d(input)
-    num_classes = logits.shape[1]
-    if target.is_floating_point():
-        rows_target = _view3d(target)
-    else:
-        rows_target = target.reshape(-1).contiguous()
-        _check_targets(rows_target, num_classes, ignore_index)
-    class_weight = None if weight is None else weight.to(acc).contiguous()
-    grad = scale = None
-    if compute_grad:
-        grad = torch.empty(logits.shape, dtype=input.dtype, device=input.device)
-        scale = _row_scale(reduction, target, weight, ignore_index, acc)
-    loss_rows = rows_kernel(logits, rows_target, class_weight, ignore_index, label_smoothing,
-                            z_loss, softcap, grad, scale)
+    if not target.is_floating_point():
+        _check_targets(target.reshape(-1), input.shape[reference.class_dim(input)],
+                       ignore_index)
+    scale = (_row_scale(reduction, target, weight, ignore_index, _acc_dtype(input.dtype))
+             if compute_grad else None)
+    loss_rows, grad = _rows(input, target, weight, ignore_index, label_smoothing, z_loss,
+                            softcap, scale, backend)
     loss = _reduce(loss_rows, reduction, target, weight, ignore_index, _loss_shape(input),
                    input.dtype)
-    return loss, (grad.view(input.shape) if compute_grad else input.new_empty(_EMPTY))
+    return loss, (grad if compute_grad else input.new_empty(_EMPTY))
+
+
+def _rows(input, target, weight, ignore_index, label_smoothing, z_loss, softcap, scale,
+          backend):
+    """The backend's row kernel over logits of any accepted shape: (row losses, and
+    scale * dloss/dinput in input's shape, or None without ``scale``)."""
+    rows_kernel, _ = _kernels(backend)
+    logits = _view3d(input)
+    rows_target = (_view3d(target) if target.is_floating_point()
+                   else target.reshape(-1).contiguous())
+    class_weight = None if weight is None else weight.to(_acc_dtype(input.dtype)).contiguous()
+    grad = None if scale is None else torch.empty(logits.shape, dtype=input.dtype,
+                                                  device=input.device)
+    loss_rows = rows_kernel(logits, rows_target, class_weight, ignore_index, label_smoothing,
+                            z_loss, softcap, grad, scale)
+    return loss_rows, None if grad is None else grad.view(input.shape)
 
 
 @cross_entropy_forward.register_fake
@@ -229,17 +236,12 @@ def cross_entropy_backward(
     """dloss/dinput * grad_loss, from the logits: the row kernel again, writing
     scale * dloss/dlogits with scale = grad_loss (one value, or one per row for 'none')
     times 1 / the mean's denominator."""
-    rows_kernel, _ = _kernels(backend)
     acc = _acc_dtype(input.dtype)
-    logits = _view3d(input)
-    rows_target = _view3d(target) if target.is_floating_point() else target.reshape(-1)
     scale = _row_scale(reduction, target, weight, ignore_index, acc) \
         * grad_loss.to(acc).reshape(-1)
-    grad = torch.empty(logits.shape, dtype=input.dtype, device=input.device)
-    class_weight = None if weight is None else weight.to(acc).contiguous()
-    rows_kernel(logits, rows_target.contiguous(), class_weight, ignore_index, label_smoothing,
-                z_loss, softcap, grad, scale.contiguous())
-    return grad.view(input.shape)
+    _, grad = _rows(input, target, weight, ignore_index, label_smoothing, z_loss, softcap,
+                    scale.contiguous(), backend)
+    return grad
 
 
 @cross_entropy_backward.register_fake
