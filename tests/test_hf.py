@@ -153,14 +153,15 @@ def test_training_with_an_optimizer_made_before_fuse(name):
     assert history[-1] < 0.5 * history[0]  # it fits the batch: the updates took effect
 
 
-@pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("side", ["right", "left"])
+# Not gemma2 with left padding: its eager reference (the only one with softcaps) turns the
+# fully masked rows of left padding into NaN, which then reach every row through p @ v.
+@pytest.mark.parametrize("name, side", [(name, side) for name in MODELS
+                                        for side in ("right", "left")
+                                        if (name, side) != ("gemma2", "left")])
 def test_padded_batches(name, side):
     """Padding reaches the kernel (transformers' mask interface): the valid positions match
     the unfused model's and, where padded keys are visible to them without the mask (left
     padding, or BERT), differ from the same tokens unpadded."""
-    if name == "gemma2" and side == "left":
-        pytest.skip("Gemma2's eager reference turns fully masked rows (left padding) to NaN")
     fused, reference = _pair(name)
     tol = TOLERANCE.get(name, {"rtol": 1e-10, "atol": 1e-12})
     ids = _tokens()
