@@ -46,6 +46,17 @@ def _linear_act(activation, bias=True):
     return ours, lambda x, w, b=None: reference.linear_act(x, w, b, activation), inputs
 
 
+def _linear_glu(activation):
+    def inputs(seed):
+        return (_randn(2, 3, 5, seed=seed), _randn(8, 5, seed=seed + 1, scale=0.5),
+                _randn(8, seed=seed + 2))
+
+    def ours(backend):
+        return lambda x, w, b: pykernels.linear_glu(x, w, b, activation, backend=backend)
+
+    return ours, lambda x, w, b: reference.linear_glu(x, w, b, activation), inputs
+
+
 def _class_targets(shape, classes, seed):
     target = torch.randint(0, classes, shape, generator=_generator(seed))
     target.view(-1)[::3] = -100  # some ignored rows
@@ -132,6 +143,8 @@ CASES = {
     "linear_act-relu": _linear_act("relu"),
     "linear_act-leaky_relu-nobias": _linear_act("leaky_relu", bias=False),
     "linear_act-none": _linear_act("none"),
+    "linear_glu-silu": _linear_glu("silu"),
+    "linear_glu-gelu_tanh": _linear_glu("gelu_tanh"),
     "cross_entropy-index": _cross_entropy("index"),
     "cross_entropy-prob": _cross_entropy("prob"),
     "cross_entropy-spatial-weight": _cross_entropy("spatial"),
