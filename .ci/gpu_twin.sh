@@ -7,6 +7,7 @@
 #   2. every Triton kernel compiles with Triton 3.6 for sm_90 and sm_80 at every config
 #      the code can launch (scripts/triton_aot.py; registers/spills/smem tables printed);
 #   3. the CPU test suite passes on these versions (Triton kernels in its interpreter).
+# usage: bash .ci/gpu_twin.sh [PYTEST ARGS]
 # The environment is cached outside the checkout (~/.cache/pykernels-ci), so only the
 # first run on a machine downloads torch and the nvidia-* wheels (~4 GB); the main
 # environment's torch is never touched.
@@ -67,5 +68,5 @@ echo "== twin: AOT done in $((SECONDS - t0)) s"
 
 echo "== twin: CPU test suite"
 t0=$SECONDS
-PYTHON=$PY bash scripts/test.sh
+PYTHON=$PY bash scripts/test.sh "$@"  # arguments: pytest's (CI passes none: the whole suite)
 echo "== twin: tests done in $((SECONDS - t0)) s"

@@ -88,9 +88,10 @@ for file in $(grep -l "mark.cuda" tests/test_*.py); do
     [ -n "$first" ] || continue
     selection=("$first")
   fi
-  timeout -s INT --kill-after=15 "$test_box" "$PY" -m pytest -m cuda -rA -p no:cacheprovider \
-    --junitxml="$JUNIT_DIR/$name.xml" "${selection[@]}" 2>&1 \
-    | sed -u "s/^/[$name] /" >> "$OUT/pytest.log" &
+  # A subshell per file, so that waiting on it gives pytest's status (pipefail), not sed's.
+  (timeout -s INT --kill-after=15 "$test_box" "$PY" -m pytest -m cuda -rA -p no:cacheprovider \
+     --junitxml="$JUNIT_DIR/$name.xml" "${selection[@]}" 2>&1 \
+     | sed -u "s/^/[$name] /" >> "$OUT/pytest.log") &
   pids+=($!)
 done
 test_rc=0
