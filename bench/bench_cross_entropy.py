@@ -25,7 +25,6 @@ a fresh process (CPU cross_entropy only).
 
 import functools
 import multiprocessing
-import resource
 import sys
 import types
 from pathlib import Path
@@ -120,18 +119,27 @@ def lce_cases(machine):
 
 def _peak_rss_child(backend, n, v, queue):
     """In a fresh process: the peak resident memory (MB) one fwd+bwd of cross_entropy case
-    ``backend`` adds above its live inputs (Linux ru_maxrss, KiB; large blocks are mmapped
-    and returned on free, so the high-water mark tracks live tensors)."""
+    ``backend`` adds above its live inputs. Linux's VmHWM of this process, reset to the
+    current VmRSS once the inputs exist (/proc/self/clear_refs); large blocks are mmapped and
+    returned on free, so the high-water mark tracks live tensors. (getrusage's ru_maxrss
+    would not do: it carries the parent's high-water mark across exec.)"""
     torch.manual_seed(0)
-    # filled in place: a temporary as large as x would raise the high-water mark before
-    # the measured call
+    # filled in place: a temporary as large as x would count in the baseline
     x = torch.empty(n, v).normal_(0.0, 4.0).requires_grad_()
     t = torch.randint(0, v, (n,))
     cpu = types.SimpleNamespace(device=torch.device("cpu"), is_cuda=False)
     fn = dict(ce_cases(cpu))[backend]
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _status_kib("VmRSS")
     fn(x, t).backward()
-    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+    queue.put((_status_kib("VmHWM") - base) / 1024)
+
+
+def _status_kib(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def cpu_peak_rss_mb(labels, n, v):
