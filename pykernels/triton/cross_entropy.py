@@ -321,8 +321,10 @@ def _rows_config(A, C, B):
     rows = max(1, max_tile // block_c)
     rows = min(rows, triton.next_power_of_2(B if B > 1 else A))
     elements = rows * block_c
-    # A 2048-element tile of several rows gets 16 warps: at 8, ptxas holds the rows kernel to
-    # 128 registers and spills in float32 (CI's AOT table, scripts/triton_aot.py).
+    # A 2048-element tile of several rows gets 16 warps: ptxas holds a kernel to about
+    # 2^16 / (2 x threads) registers, and at 8 warps the rows kernel spilled 28 bytes in
+    # float32 (sm_90). At 16 nothing spills with Triton 3.6 (the GPU machine's); Triton 3.9
+    # spills 8-12 bytes in five configs (CI's AOT tables, scripts/triton_aot.py).
     num_warps = (1 if elements <= 256 else 4 if elements <= 1024
                  else 8 if elements <= 2048 and rows == 1 else 16)
     return rows, block_c, num_warps

@@ -185,11 +185,11 @@ def _gemm_configs():
         ]
     # H100 candidates (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps), most preferred
     # first; _fitting_configs drops those a dtype cannot use. Registers and spills of each
-    # are in CI's table (scripts/triton_aot.py). 128x256 and 256x128 spill 60-504 bytes in
-    # 16-bit, only with the exp/erf epilogues (gelu, gelu_tanh, silu, sigmoid, tanh), which
-    # run once per output tile after the main loop: kept as the large tiles that keep the
-    # tensor cores busiest; a 128x128x32 4-warp tile spilled the same way and is gone
-    # (128x128x64 with 8 warps holds the same tile without spilling).
+    # are in CI's table (scripts/triton_aot.py). On sm_90, 128x256 and 256x128 spill 30-900
+    # bytes in 16-bit, only with an activation epilogue (none without one), which runs once
+    # per output tile after the main loop: kept as the large tiles that keep the tensor
+    # cores busiest; a 128x128x32 4-warp tile spilled the same way and is gone (128x128x64
+    # with 8 warps holds the same tile without spilling).
     shapes = [
         (128, 256, 64, 3, 8),
         (256, 128, 64, 3, 8),
@@ -207,8 +207,9 @@ def _gemm_configs():
 
 
 # Exact float32 (input_precision "ieee") multiplies on CUDA cores, with the accumulator in
-# registers: past 64 fp32 values per thread the GEMM spills kilobytes (CI's table).
-_IEEE_MAX_ACC_PER_THREAD = 64
+# registers: at 128 fp32 values per thread the GEMM spilled kilobytes, at 64 with Triton 3.6
+# 4-20 bytes, at 32 nothing (CI's table).
+_IEEE_MAX_ACC_PER_THREAD = 32
 
 
 def _fitting_configs(configs, named_args, **kwargs):
