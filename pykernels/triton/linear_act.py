@@ -275,7 +275,9 @@ def _gemm_kernel(
     for k0 in range(0, K, BLOCK_K):
         a = tl.load(a_ptrs, mask=mask_m & (rk[None, :] < K - k0), other=0.0)
         b = tl.load(b_ptrs, mask=(rk[:, None] < K - k0) & mask_n, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        # out_dtype explicit: Triton 3.6's tl.dot asserts a float64 accumulator against its
+        # float32 default (the interpreter's float64 gradcheck).
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         a_ptrs += a_step
         b_ptrs += b_step
 
