@@ -15,8 +15,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CACHE=${PYKERNELS_CI_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pykernels-ci}
-# numpy<2.4: Triton 3.6's interpreter fails on numpy >= 2.4 (the GPU machine's numpy is
-# older); pinned in this environment only, the main one keeps its numpy.
+# numpy<2.4: Triton 3.6's interpreter, which runs the CPU suite's Triton tests here, fails
+# on numpy >= 2.4. The GPU machine has numpy 2.5 but compiles its Triton kernels instead
+# of interpreting them. Pinned in this environment only; the main one keeps its numpy.
 REQUIREMENTS=(torch==2.11.0 "numpy<2.4" ninja pybind11 pytest "setuptools>=64" wheel
               scikit-learn matplotlib)
 VENV=$CACHE/py312-torch2.11.0
