@@ -110,8 +110,10 @@ elif [ "$smoke" = 0 ]; then
   timeout --kill-after=10 "$(left 120)" "$sanitizer" --tool memcheck --error-exitcode 3 \
     "$PY" scripts/cuda_calls.py > "$OUT/sanitizer.log" 2>&1 || san_rc=$?
   tail -n 5 "$OUT/sanitizer.log"
-  note "memcheck rc=$san_rc (3: errors found, 124: timed out)"
+  note "memcheck rc=$san_rc (3: errors found, 124: timed out; others: the tool could not run,
+e.g. 'Device not supported' on some container runtimes)"
 fi
+san_errors=$((san_rc == 3))  # only memory errors fail the run
 
 echo "== benchmarks: target shapes first (bench.log, results.tar)"
 # Per family: the shapes its targets are checked at (bench/common.py, PYKERNELS_BENCH_SHAPES).
@@ -140,4 +142,4 @@ done
   --out "$OUT/auto_order.json" || true
 note "done in $SECONDS s: tests rc=$test_rc, memcheck rc=$san_rc, benchmarks rc=$bench_rc"
 ls -l "$OUT"
-exit $((test_rc || san_rc || bench_rc))
+exit $((test_rc || san_errors || bench_rc))
