@@ -1521,8 +1521,8 @@ def test_gpu_opcheck_and_compile(backend):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_gpu_default_backend(dtype):
-    """'auto' on CUDA tensors ('cuda' for the half types, 'torch' for float32) runs and meets
-    the rule."""
+    """'auto' on CUDA tensors ('triton' for the half types until a GPU run ranks the
+    backends, 'torch' for float32) runs and meets the rule."""
     q, k, v = make_qkv((2, 4), (2, 4), 65, 65, 64, 64, dtype=dtype, device="cuda", seed=44)
     out = pykernels.scaled_dot_product_attention(q, k, v, is_causal=True)
     plain = reference.scaled_dot_product_attention(q, k, v, is_causal=True)

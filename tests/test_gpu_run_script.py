@@ -49,19 +49,16 @@ def test_without_nvcc_it_names_what_is_missing(tmp_path):
     assert "STOP: nvcc is not on PATH" in proc.stderr
 
 
-def test_timeout_subject():
-    """Sleeps only when test_per_test_timeout_fails_a_slow_test runs it."""
-    if os.environ.get("PYKERNELS_TIMEOUT_SUBJECT") != "1":
-        pytest.skip("the subject of test_per_test_timeout_fails_a_slow_test")
-    time.sleep(30)
-
-
-def test_per_test_timeout_fails_a_slow_test():
-    env = {**os.environ, "PYKERNELS_TIMEOUT_SUBJECT": "1", "PYKERNELS_TEST_TIMEOUT": "1"}
+def test_per_test_timeout_fails_a_slow_test(tmp_path):
+    # The subject lives outside the suite (so the suite never collects a test that only
+    # sleeps); tests/conftest.py, which holds the timeout hook, joins as a plugin.
+    subject = tmp_path / "test_subject.py"
+    subject.write_text("import time\n\n\ndef test_sleeps():\n    time.sleep(30)\n")
+    env = {**os.environ, "PYKERNELS_TEST_TIMEOUT": "1"}
     start = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider",
-         f"{Path(__file__).name}::test_timeout_subject"],
+         "-p", "conftest", str(subject)],
         cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stdout
     assert "timed out after 1 s (PYKERNELS_TEST_TIMEOUT)" in proc.stdout
