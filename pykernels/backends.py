@@ -100,6 +100,14 @@ def extension():
     return _EXTENSION
 
 
+def kernel_extension(backend):
+    """pykernels._C for a kernel backend that runs on it (cpu, cuda), or a RuntimeError
+    naming the backend where it was not built."""
+    if _EXTENSION is None:
+        raise RuntimeError(f"backend {backend!r} needs pykernels._C, which is not built")
+    return _EXTENSION
+
+
 def has_cuda():
     """Whether pykernels._C was built with the CUDA kernels."""
     ext = extension()

@@ -40,6 +40,12 @@ def runs_composition(*tensors):
     return forward_ad._current_level >= 0 and any(_has_tangent(t) for t in tensors)
 
 
+def wants_grad(*tensors):
+    """Whether autograd records a call on ``tensors`` (None entries allowed): an op may
+    then write in its forward what only its backward needs."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def graph_requested():
     """Inside a registered backward: whether autograd records a graph of the gradient
     (backward or autograd.grad with create_graph=True)."""

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backends import backends, extension, resolve
+from ..backends import backends, kernel_extension, resolve
 from . import _checks, _contract
 from .autocast import autocast_operands
 
@@ -59,9 +59,7 @@ def _kernels(backend):
         from ..triton import attention as triton_attention
 
         return triton_attention.attention_forward, triton_attention.attention_backward
-    ext = extension()
-    if ext is None:
-        raise RuntimeError(f"backend {backend!r} needs pykernels._C, which is not built")
+    ext = kernel_extension(backend)
     return ext.attention_forward, ext.attention_backward
 
 

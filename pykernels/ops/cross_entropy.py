@@ -57,7 +57,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backends import extension, resolve
+from ..backends import kernel_extension, resolve
 from . import _checks, _contract
 from .autocast import autocast_operands
 
@@ -74,9 +74,7 @@ def _kernels(backend):
 
         return (triton_cross_entropy.cross_entropy_rows,
                 triton_cross_entropy.cross_entropy_scale_grad_)
-    ext = extension()
-    if ext is None:
-        raise RuntimeError(f"backend {backend!r} needs pykernels._C, which is not built")
+    ext = kernel_extension(backend)
     return ext.cross_entropy_rows, ext.cross_entropy_scale_grad_
 
 
@@ -376,10 +374,6 @@ def _check_ce_args(input, target, weight, ignore_index, reduction, label_smoothi
     return options
 
 
-def _wants_grad(*tensors):
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="mean",
                   label_smoothing=0.0, z_loss=0.0, softcap=None, inplace_backward=False,
                   backend=None):
@@ -410,7 +404,7 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
                                        label_smoothing, z_loss, softcap)
     loss, _ = torch.ops.pykernels.cross_entropy_forward(
         input, target, weight, ignore_index, ls, z, cap, red,
-        inplace_backward and _wants_grad(input), name)
+        inplace_backward and _contract.wants_grad(input), name)
     return loss
 
 
@@ -684,7 +678,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                                               label_smoothing, z_loss, softcap)
     rows, rows_target, chunk = _lce_rows(input, target, linear_weight, chunk_size)
     # With reduction='none' the backward recomputes (grad_output is per row).
-    compute_grad = red != _NONE and _wants_grad(input, linear_weight, linear_bias)
+    compute_grad = red != _NONE and _contract.wants_grad(input, linear_weight, linear_bias)
     loss, *_ = torch.ops.pykernels.linear_cross_entropy_forward(
         rows, linear_weight, rows_target, linear_bias, weight, ignore_index, ls, z, cap, red,
         chunk, compute_grad, inplace_backward, name)

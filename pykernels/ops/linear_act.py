@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .. import reference
 from ..activations import ACTIVATIONS, activation_id
-from ..backends import extension, resolve
+from ..backends import kernel_extension, resolve
 from . import _checks, _contract
 from .autocast import autocast_operands
 
@@ -41,9 +41,7 @@ def _kernels(backend):
         from ..triton import linear_act as triton_linear_act
 
         return triton_linear_act.linear_act_forward, triton_linear_act.linear_act_backward
-    ext = extension()
-    if ext is None:
-        raise RuntimeError(f"backend {backend!r} needs pykernels._C, which is not built")
+    ext = kernel_extension(backend)
     return ext.linear_act_forward, ext.linear_act_backward
 
 

@@ -31,10 +31,11 @@ from torch import Tensor
 
 from .. import reference
 from ..activations import ACTIVATION_IDS, ACTIVATIONS
-from ..backends import extension, resolve
+from ..backends import kernel_extension, resolve
 from . import _contract
 from .autocast import autocast_operands
 from .linear_act import _check_args as check_linear_args
+from .linear_act import _rows
 
 _EMPTY_SHAPE = (0,)
 
@@ -47,9 +48,7 @@ def _kernels(backend):
 
         return (triton_linear_glu.linear_glu_forward, triton_linear_glu.linear_glu_grad_preact,
                 triton_linear_act.linear_act_backward)
-    ext = extension()
-    if ext is None:
-        raise RuntimeError(f"backend {backend!r} needs pykernels._C, which is not built")
+    ext = kernel_extension(backend)
     return ext.linear_glu_forward, ext.linear_glu_grad_preact, ext.linear_act_backward
 
 
@@ -174,15 +173,11 @@ def linear_glu(input, weight, bias=None, activation="silu", *, negative_slope=0.
     input, weight, bias = autocast_operands(input, weight, bias)
     act = _check_args(input, weight, bias, activation, negative_slope)
     negative_slope = float(negative_slope)
-    if _contract.runs_composition(input, weight, bias):
-        return reference.linear_glu(input, weight, bias, activation, negative_slope)
     name = resolve(backend, input.device, input.dtype)
-    if name == "torch":
+    if name == "torch" or _contract.runs_composition(input, weight, bias):
         return reference.linear_glu(input, weight, bias, activation, negative_slope)
     # gu = [g | u] is written only when a backward may need it.
-    save_preact = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, weight, bias))
-    rows = input.reshape(input.shape[:-1].numel(), input.shape[-1])
+    save_preact = _contract.wants_grad(input, weight, bias)
     h, _ = torch.ops.pykernels.linear_glu_forward(
-        rows, weight, bias, act, negative_slope, save_preact, name)
+        _rows(input), weight, bias, act, negative_slope, save_preact, name)
     return h.view(*input.shape[:-1], weight.shape[0] // 2)
