@@ -31,10 +31,10 @@ from pykernels.triton.linear_act import (
     _activation_backward,
     _column_sum_kernel,
     _input_precision,
-    first_contact,
     _slope,
     _split_slope,
     _tile_rows_cols,
+    first_contact,
 )
 
 # The backward kernel: a program covers _GRAD_ROWS_PER_PROGRAM rows by _GRAD_BLOCK_N output
