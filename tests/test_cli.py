@@ -39,6 +39,13 @@ def test_check_passes_on_every_backend():
     assert len(lines) == 8 * len(backends_checked) and all(" pass" in ln for ln in lines)
 
 
+def test_import_pykernels_leaves_the_app_out():
+    """The library does not load the application (CLI, demo, data, timings)."""
+    result = run("-c", "import sys, pykernels; "
+                       "assert not any(m.startswith('pykernels.app') for m in sys.modules)")
+    assert result.returncode == 0, result.stderr
+
+
 def test_unknown_command_exits_2():
     result = run("-m", "pykernels", "launch")
     assert result.returncode == 2

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import pykernels
-from pykernels.data import IGNORE_INDEX, DataError, Reversal, load_mnist, read_idx
+from pykernels.app.data import IGNORE_INDEX, DataError, Reversal, load_mnist, read_idx
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
