@@ -347,7 +347,7 @@ def plot(report, path):
     axes[2].axhline(report["timings"]["target"] or 1.0, color="gray", linewidth=0.8)
     axes[2].set_xticks([j + width * (len(bases) - 1) / 2 for j in range(len(rows))],
                        [r["op"].replace("(", "\n(") for r in rows], fontsize=7, rotation=30)
-    axes[2].set(title="fused speed-up, forward + backward (train step: forward, backward, "
+    axes[2].set(title="fused speed-up, forward + backward\n(train step: forward, backward, "
                       "AdamW)\nmedian of the rounds, bars: interquartile range",
                 ylabel="x (> 1: faster)")
     axes[2].legend()
