@@ -13,7 +13,7 @@ pykernels with its fused C++ kernels forced (``backend="cpu"``).
    the forward with inputs that require grad, and forward + backward
    (``torch.autograd.grad``: no ``.grad`` accumulation is timed). Printed: median
    microseconds per call, the ratio to eager (median of the per-round ratios and their
-   min-max), a verdict against the target (at most 2x eager), and the operators one call
+   interquartile range), a verdict against the target (at most 2x eager; pykernels.app.timing's rule), and the operators one call
    dispatches (counted with a TorchDispatchMode, also inside a pykernels op's body: a proxy
    for the launches the call makes on a GPU) with the host synchronisations among them.
 2. Size sweep (not with --quick), fwd+bwd, the machine's threads: the speed-up over eager
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pykernels
+from pykernels.app import timing
 
 TARGET = 2.0  # pykernels' host time on tiny tensors at most this multiple of eager's
 SWEEP_TARGET = 0.95  # auto's speed at every size at least this fraction of eager's
@@ -112,20 +113,13 @@ def _step(fn, inputs, mode):
     return fwd_bwd
 
 
-def time_interleaved(calls, rounds, n):
-    """{name: [us per call in each round]}: every round runs each call ``n`` times, the
-    calls one after the other, so a slow spell of the machine hits all of them alike."""
-    times = {name: [] for name in calls}
-    for call in calls.values():  # warm-up: first-call costs (caches, lazy imports)
+def _time(calls, rounds, n):
+    """{name: [us per call, one entry per round]}, after a warm-up (caches, lazy imports)."""
+    for call in calls.values():
         for _ in range(max(3, n // 10)):
             call()
-    for _ in range(rounds):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            for _ in range(n):
-                call()
-            times[name].append((time.perf_counter() - start) / n * 1e6)
-    return times
+    samples = timing.interleaved(calls, rounds, repeats=dict.fromkeys(calls, n))
+    return {name: [t * 1e6 for t in times] for name, times in samples.items()}
 
 
 # Operators that read device data on the host: each one is a synchronisation on a GPU.
@@ -159,22 +153,6 @@ def count_ops(call):
     return counter.ops
 
 
-def _spread(times, name, over):
-    """Median and min-max over the rounds of times[name] / times[over]."""
-    ratios = [a / b for a, b in zip(times[name], times[over], strict=True)]
-    return statistics.median(ratios), min(ratios), max(ratios)
-
-
-def verdict(median, low, high, limit):
-    """PASS when every round's ratio is at most ``limit``, FAIL when the median is over it,
-    "within noise" when the rounds straddle it."""
-    if high <= limit:
-        return "PASS"
-    if median > limit:
-        return "FAIL"
-    return "within noise"
-
-
 def _calls_per_round(call, seconds):
     start = time.perf_counter()
     call()
@@ -188,7 +166,7 @@ def overhead(rounds, n, out=print):
         for mode in ("fwd", "fwd+bwd"):
             inputs = make_inputs(sizes[0], torch.Generator().manual_seed(0))
             calls = {name: _step(fn, inputs, mode) for name, fn in variants.items()}
-            times = time_interleaved(calls, rounds, n)
+            times = _time(calls, rounds, n)
             for name in variants:
                 ops = count_ops(calls[name])
                 row = {"op": op, "size": "x".join(map(str, sizes[0])), "mode": mode,
@@ -198,9 +176,9 @@ def overhead(rounds, n, out=print):
                        "ops": " ".join(f"{k.removeprefix('aten.')}x{v}" if v > 1
                                        else k.removeprefix("aten.") for k, v in ops.items())}
                 if name != "eager":
-                    median, low, high = _spread(times, name, "eager")
-                    row.update(ratio=median, low=low, high=high,
-                               verdict=verdict(median, low, high, TARGET))
+                    host = timing.ratio(times[name], times["eager"])
+                    row.update(ratio=host.median, low=host.lo, high=host.hi,
+                               verdict=timing.verdict(host, TARGET, at_most=True))
                 rows.append(row)
                 out(_format_overhead(row))
     return rows
@@ -223,17 +201,15 @@ def sweep(rounds, out=print):
         for size in sizes:
             inputs = make_inputs(size, torch.Generator().manual_seed(0))
             calls = {name: _step(fn, inputs, "fwd+bwd") for name, fn in variants.items()}
-            times = time_interleaved(calls, rounds, _calls_per_round(calls["eager"], 0.02))
+            times = _time(calls, rounds, _calls_per_round(calls["eager"], 0.02))
             row = {"op": op, "size": "x".join(map(str, size)),
                    "eager_ms": statistics.median(times["eager"]) / 1e3}
             for name in variants:
                 if name == "eager":
                     continue
-                # speed-up = eager time / pykernels time, per round
-                inverse = _spread(times, "eager", name)
-                row[name] = (statistics.median(times[name]) / 1e3, *inverse)
-            median, low, high = row["pykernels"][1:]
-            row["verdict"] = verdict(-median, -high, -low, -SWEEP_TARGET)
+                speedup = timing.ratio(times["eager"], times[name])
+                row[name] = (statistics.median(times[name]) / 1e3, speedup)
+            row["verdict"] = timing.verdict(row["pykernels"][1], SWEEP_TARGET)
             rows.append(row)
             out(_format_sweep(row))
     return rows
@@ -242,8 +218,9 @@ def sweep(rounds, out=print):
 def _format_sweep(row):
     cells = [f"{row['op']:21s} {row['size']:>14s}  eager {row['eager_ms']:9.3f} ms"]
     for name in ("pykernels", "pykernels cpu"):
-        ms, median, low, high = row[name]
-        cells.append(f"{name} {ms:9.3f} ms {median:5.2f}x [{low:.2f}-{high:.2f}]")
+        ms, speedup = row[name]
+        cells.append(f"{name} {ms:9.3f} ms {speedup.median:5.2f}x "
+                     f"[{speedup.lo:.2f}-{speedup.hi:.2f}]")
     return "  ".join(cells) + f"  {row['verdict']}"
 
 
@@ -252,12 +229,11 @@ def write(overhead_rows, sweep_rows, out_dir, rounds, n):
     threads = torch.get_num_threads()
     lines = [f"# Host overhead and small shapes on CPU (torch {torch.__version__})", "",
              f"## Tiny tensors, one thread: {rounds} interleaved rounds of {n} calls", "",
-             "Host time per call; `x eager` is pykernels' time over eager's, the median of "
-             "the rounds' ratios with their min-max; target at most "
+             "Host time per call; `x eager` is pykernels' time over eager's, the median of the rounds' ratios (IQR); target at most "
              f"{TARGET}x. Operators: every ATen/pykernels operator one call dispatches, "
              "including those inside a pykernels op's body; syncs are the ones that read "
              "device data on the host.", "",
-             "| op | size | mode | variant | us/call | x eager (min-max) | verdict | ops | "
+             "| op | size | mode | variant | us/call | x eager (IQR) | verdict | ops | "
              "syncs | operators |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in overhead_rows:
         ratio = f"{r['ratio']:.2f} ({r['low']:.2f}-{r['high']:.2f})" if "ratio" in r else ""
@@ -267,14 +243,14 @@ def write(overhead_rows, sweep_rows, out_dir, rounds, n):
     if sweep_rows:
         lines += ["", f"## Size sweep, fwd+bwd, {threads} threads, {rounds} interleaved "
                   "rounds", "", "Speed-up = eager time / pykernels time (median of the rounds, "
-                  f"min-max); `auto` (the default backend) must be at least {SWEEP_TARGET}x.",
+                  f"IQR); `auto` (the default backend) must be at least {SWEEP_TARGET}x.",
                   "", "| op | size | eager ms | auto ms | auto speed-up | cpu kernels ms | "
                   "cpu speed-up | verdict |", "|---|---|---|---|---|---|---|---|"]
         for r in sweep_rows:
             cells = [f"{r['op']}", r["size"], f"{r['eager_ms']:.3f}"]
             for name in ("pykernels", "pykernels cpu"):
-                ms, median, low, high = r[name]
-                cells += [f"{ms:.3f}", f"{median:.2f} ({low:.2f}-{high:.2f})"]
+                ms, speedup = r[name]
+                cells += [f"{ms:.3f}", f"{speedup.median:.2f} ({speedup.lo:.2f}-{speedup.hi:.2f})"]
             lines.append("| " + " | ".join(cells + [r["verdict"]]) + " |")
     (out_dir / "overhead_cpu.md").write_text("\n".join(lines) + "\n")
 
