@@ -13,9 +13,10 @@ pykernels with its fused C++ kernels forced (``backend="cpu"``).
    the forward with inputs that require grad, and forward + backward
    (``torch.autograd.grad``: no ``.grad`` accumulation is timed). Printed: median
    microseconds per call, the ratio to eager (median of the per-round ratios and their
-   interquartile range), a verdict against the target (at most 2x eager; pykernels.app.timing's rule), and the operators one call
-   dispatches (counted with a TorchDispatchMode, also inside a pykernels op's body: a proxy
-   for the launches the call makes on a GPU) with the host synchronisations among them.
+   interquartile range), a verdict against the target (at most 2x eager, by
+   pykernels.app.timing's rule), and the operators one call dispatches (counted with a
+   TorchDispatchMode, also inside a pykernels op's body: a proxy for the launches the
+   call makes on a GPU) with the host synchronisations among them.
 2. Size sweep (not with --quick), fwd+bwd, the machine's threads: the speed-up over eager
    of ``auto`` and of the forced kernels from the tiny size through the crossover to the
    large benchmark shape; ``auto`` must reach 0.95x eager at every size.
@@ -229,7 +230,8 @@ def write(overhead_rows, sweep_rows, out_dir, rounds, n):
     threads = torch.get_num_threads()
     lines = [f"# Host overhead and small shapes on CPU (torch {torch.__version__})", "",
              f"## Tiny tensors, one thread: {rounds} interleaved rounds of {n} calls", "",
-             "Host time per call; `x eager` is pykernels' time over eager's, the median of the rounds' ratios (IQR); target at most "
+             "Host time per call; `x eager` is pykernels' time over eager's, the median of "
+             "the rounds' ratios (IQR); target at most "
              f"{TARGET}x. Operators: every ATen/pykernels operator one call dispatches, "
              "including those inside a pykernels op's body; syncs are the ones that read "
              "device data on the host.", "",
