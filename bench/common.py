@@ -1,4 +1,4 @@
-"""Shared machinery for every family's benchmark (DESIGN.md section 6).
+"""Shared machinery for every family's benchmark.
 
 A benchmark builds *cases*: a function, a maker of fresh random inputs, and a mode
 (``fwd``, ``bwd`` or ``fwd+bwd``). This module times a case (median, warmed up, rotating
