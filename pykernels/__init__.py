@@ -9,7 +9,7 @@
     model = pykernels.fuse(model)                           # swap in the fused layers
     with pykernels.use_backend("triton"): ...
 
-``pykernels.backends()`` lists the backends usable here (DESIGN.md §3).
+``pykernels.backends()`` lists the backends usable here (docs/ARCHITECTURE.md, "Backends").
 """
 
 from . import models, nn, reference
@@ -17,8 +17,9 @@ from .activations import ACTIVATIONS
 from .backends import BACKENDS, backends, has_cuda, use_backend
 from .convert import FuseReport, explain_fuse, fuse
 from .ops.attention import scaled_dot_product_attention, use_deterministic
-from .ops.cross_entropy import cross_entropy, linear_cross_entropy
+from .ops.cross_entropy import cross_entropy
 from .ops.linear_act import linear_act
+from .ops.linear_cross_entropy import linear_cross_entropy
 from .ops.linear_glu import linear_glu
 
 __version__ = "0.1.0"

@@ -1,6 +1,6 @@
 """Which backends exist on this machine and which one runs a call.
 
-Backends (DESIGN.md §3):
+Backends (docs/ARCHITECTURE.md, "Backends"):
   cpu     fused C++ kernels of pykernels._C, CPU tensors
   cuda    CUDA kernels of pykernels._C (when built with CUDA), CUDA tensors
   triton  pykernels.triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1

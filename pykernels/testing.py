@@ -1,9 +1,10 @@
 """Comparison helpers shared by the tests and ``python -m pykernels check``.
 
-The low-precision rule (DESIGN.md §4, as FlashAttention's tests use it): a kernel's error
-against an exact reference (float64) may be at most ``factor`` times the error plain
-PyTorch makes in the same dtype, plus a small ``atol``. A fixed tolerance would either
-hide regressions in float32 or fail honest bfloat16 results.
+The low-precision rule (docs/ARCHITECTURE.md, "Numerics rule of the tests"; as
+FlashAttention's tests use it): a kernel's error against an exact reference (float64) may
+be at most ``factor`` times the error plain PyTorch makes in the same dtype, plus a small
+``atol``. A fixed tolerance would either hide regressions in float32 or fail honest
+bfloat16 results.
 """
 
 import torch

@@ -5,7 +5,7 @@ the host. The real launch wrappers of pykernels/triton/ are called with meta ten
 (shapes, strides and dtypes, no memory) while ``JITFunction.run`` compiles instead of
 launching and ``Autotuner.run`` hands every config that survives the kernel's own pruning
 to it. So what is compiled is what a GPU would launch: the same argument specialisation,
-constexprs, tiles, warps and stages (DESIGN.md section 5).
+constexprs, tiles, warps and stages.
 
 For each compiled kernel it records registers and spills (the ptxas -v log) and shared
 memory (Triton's metadata), and it fails (exit 1) on a compile error or on shared memory
@@ -120,7 +120,7 @@ def install(checker, arch):
 
     def autotune_run(self, *args, **kwargs):
         # Autotuner.run's own first steps: bind the arguments, prune the configs.
-        self.nargs = dict(zip(self.arg_names, args))
+        self.nargs = dict(zip(self.arg_names, args, strict=False))
         for config in self.prune_configs(kwargs):
             self.fn.run(*args, **kwargs, **config.all_kwargs())
 

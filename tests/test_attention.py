@@ -856,19 +856,16 @@ def test_use_deterministic_bitwise_identical_backwards(backend):
     Z, H, L, S = (2, 4, 300, 280) if backend == "cpu" else (1, 2, 33, 20)
     q, k, v = make_qkv((Z, H), (Z, H // 2), L, S, 16, 8, dtype=torch.float32, seed=28)
     grad_out = random_like((Z, H, L, 8), seed=28)
-    assert not attn_ops.deterministic()
-    with pykernels.use_deterministic():
-        assert attn_ops.deterministic()
-        with pykernels.use_deterministic(False):
-            assert not attn_ops.deterministic()
-        assert attn_ops.deterministic()
-        runs = []
-        for _ in range(2):
-            torch.manual_seed(29)
-            runs.append(out_and_grads(ours_fn(backend, dict(
-                enable_gqa=True, is_causal=True, dropout_p=0.1, softcap=5.0)), q, k, v,
-                grad_out))
-    assert not attn_ops.deterministic()
+    # Every backward is deterministic: the switch is a deprecated no-op that warns.
+    with pytest.warns(FutureWarning, match="already deterministic"):
+        with pykernels.use_deterministic():
+            pass
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(29)
+        runs.append(out_and_grads(ours_fn(backend, dict(
+            enable_gqa=True, is_causal=True, dropout_p=0.1, softcap=5.0)), q, k, v,
+            grad_out))
     for name, a, b in zip(NAMES, *runs, strict=True):
         assert torch.equal(a, b), f"{backend} {name} differs between two runs"
 
@@ -944,9 +941,8 @@ def test_opcheck_attention_backward(backend, name):
     q, k, v, mask, *options = args
     out, lse = torch.ops.pykernels.attention_forward(*args, backend)
     grad_out = random_like(out.shape, seed=33).float()
-    for deterministic in (False, True):
-        opcheck(torch.ops.pykernels.attention_backward,
-                (grad_out, q, k, v, out, lse, mask, *options, deterministic, backend))
+    opcheck(torch.ops.pykernels.attention_backward,
+            (grad_out, q, k, v, out, lse, mask, *options, backend))
 
 
 def _compile_case():
@@ -1487,9 +1483,8 @@ def test_gpu_deterministic_backward(backend):
     q, k, v = make_qkv((2, 8), (2, 2), 1025, 1025, 128, 128, dtype=torch.bfloat16,
                        device="cuda", seed=42)
     grad_out = random_like((2, 8, 1025, 128), seed=42, device="cuda")
-    with pykernels.use_deterministic():
-        runs = [out_and_grads(ours_fn(backend, dict(is_causal=True, enable_gqa=True)), q, k, v,
-                              grad_out) for _ in range(2)]
+    runs = [out_and_grads(ours_fn(backend, dict(is_causal=True, enable_gqa=True)), q, k, v,
+                          grad_out) for _ in range(2)]
     for other in runs[1:]:
         for name, a, b in zip(NAMES, runs[0], other, strict=True):
             assert torch.equal(a, b), name

@@ -34,6 +34,7 @@ from torch.library import opcheck
 import pykernels
 from pykernels import reference
 from pykernels.ops import cross_entropy as ce_ops
+from pykernels.ops import linear_cross_entropy_chunks as lce_chunks
 from pykernels.testing import DEFAULT_ATOL, assert_low_precision_close
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -635,8 +636,8 @@ def test_torch_backend_differentiates_probability_targets():
     ((5, 0, 3), 5, 5),
 ])
 def test_linear_cross_entropy_default_chunk_size(shape, gpu, cpu):
-    assert ce_ops.default_chunk_size(*shape) == gpu
-    assert ce_ops.default_chunk_size(*shape, "cpu") == cpu
+    assert lce_chunks.default_chunk_size(*shape) == gpu
+    assert lce_chunks.default_chunk_size(*shape, "cpu") == cpu
 
 
 LCE_CASES = {
@@ -1180,7 +1181,8 @@ def test_out_of_range_target_raises_before_any_kernel_runs(monkeypatch, backend,
     def kernel_ran(*args):
         raise AssertionError("a kernel ran before the target check")
 
-    monkeypatch.setattr(ce_ops, "_kernels", lambda name: (kernel_ran, kernel_ran))
+    for module in (ce_ops, lce_chunks):
+        monkeypatch.setattr(module, "row_kernels", lambda name: (kernel_ran, kernel_ran))
     monkeypatch.setattr(torch, "addmm", kernel_ran)  # linear_cross_entropy's chunk GEMM
     x = torch.randn(6, 9, requires_grad=True)
     target = torch.tensor([0, 1, 2, 3, 9, -100])
@@ -1291,7 +1293,7 @@ def test_gpu_linear_cross_entropy_low_precision_rule(backend, dtype, reduction, 
         x, w, t, b, low[3], **opts), *low[:3], grad_output)
     exact = lce_grads(lambda x, w, b: reference.linear_cross_entropy(
         x, w, t, b, low[3].double(), **opts), *[v.double() for v in low[:3]], grad_output)
-    chunks = math.ceil(n / (chunk_size or ce_ops.default_chunk_size(n, 256, 4099)))
+    chunks = math.ceil(n / (chunk_size or lce_chunks.default_chunk_size(n, 256, 4099)))
     names = ["loss", "grad_input", "grad_linear_weight", "grad_linear_bias"]
     for name, a, p, e in zip(names, ours, plain, exact, strict=True):
         assert a.dtype == dtype, name
@@ -1359,7 +1361,7 @@ def test_gpu_linear_cross_entropy_peak_memory(backend):
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     tensors = 2 * (x.numel() + w.numel()) * x.element_size() + t.numel() * t.element_size()
-    chunk = ce_ops.default_chunk_size(n, h, v) * v * x.element_size()
+    chunk = lce_chunks.default_chunk_size(n, h, v) * v * x.element_size()
     assert torch.isfinite(loss) and gx.shape == x.shape and gw.shape == w.shape
     assert peak < 1.2 * tensors + chunk, (
         f"peak {peak / 2**20:.0f} MiB over 1.2 x {tensors / 2**20:.0f} MiB (inputs, weight, "

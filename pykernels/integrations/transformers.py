@@ -54,8 +54,8 @@ from transformers.pytorch_utils import Conv1D
 from .. import convert
 from ..nn._clone import clone_as
 from ..ops.attention import scaled_dot_product_attention
-from ..ops.cross_entropy import linear_cross_entropy
 from ..ops.linear_act import linear_act
+from ..ops.linear_cross_entropy import linear_cross_entropy
 
 IMPLEMENTATION = "pykernels"
 

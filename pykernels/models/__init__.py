@@ -11,7 +11,8 @@ shapes and initialisation: either model loads the other's state_dict.
 from torch import nn
 
 from .. import nn as fused_nn
-from ..ops.cross_entropy import cross_entropy, linear_cross_entropy
+from ..ops.cross_entropy import cross_entropy
+from ..ops.linear_cross_entropy import linear_cross_entropy
 from . import _build
 
 

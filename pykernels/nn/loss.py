@@ -2,7 +2,8 @@
 
 import torch
 
-from ..ops.cross_entropy import cross_entropy, linear_cross_entropy
+from ..ops.cross_entropy import cross_entropy
+from ..ops.linear_cross_entropy import linear_cross_entropy
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):

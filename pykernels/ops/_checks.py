@@ -1,7 +1,7 @@
 """Argument checks shared by every op, so that the same mistake gets the same exception
-type and wording everywhere (DESIGN.md §7): a value of the wrong type is a TypeError, a
-value of the right type but wrong size, shape, range or device is a ValueError, and the
-message names the argument and what was expected."""
+type and wording everywhere (docs/ARCHITECTURE.md, "One call, end to end"): a value of the
+wrong type is a TypeError, a value of the right type but wrong size, shape, range or device
+is a ValueError, and the message names the argument and what was expected."""
 
 import math
 import numbers

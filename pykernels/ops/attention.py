@@ -12,12 +12,16 @@ torch.compile traces it). Registered as custom ops with fake kernels and autogra
   pykernels::attention_forward(q, k, v, mask, scale, causal, window_left, window_right,
       softcap, dropout_p, rng, backend) -> (out, lse)
   pykernels::attention_backward(grad_out, q, k, v, out, lse, mask, scale, causal,
-      window_left, window_right, softcap, dropout_p, rng, deterministic, backend)
+      window_left, window_right, softcap, dropout_p, rng, backend)
       -> (grad_q, grad_k, grad_v)
+
+Every backend's backward is bitwise reproducible run to run (no atomics), so there is no
+determinism switch; ``use_deterministic`` only warns that it is deprecated.
 """
 
 import contextlib
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -30,7 +34,6 @@ from .autocast import autocast_operands
 # Head dims each kernel backend takes (the 'torch' backend takes any): E and Ev up to 256 on
 # cuda (kernels/attention.cu instantiates head-dim buckets 32, 64, 128, 256) and triton.
 _MAX_HEAD_DIM = {"cpu": None, "cuda": 256, "triton": 256}
-_deterministic = []  # use_deterministic's settings, innermost last
 # float32's smallest normal and largest finite values: the range of the Triton kernels'
 # float arguments.
 _F32_NORMAL, _F32_MAX = 2.0 ** -126, float(torch.finfo(torch.float32).max)
@@ -38,18 +41,13 @@ _F32_NORMAL, _F32_MAX = 2.0 ** -126, float(torch.finfo(torch.float32).max)
 
 @contextlib.contextmanager
 def use_deterministic(enabled=True):
-    """Inside the block, attention backwards are bitwise reproducible run to run (the cpu,
-    cuda and triton backends always are: no atomics)."""
-    _deterministic.append(bool(enabled))
-    try:
-        yield
-    finally:
-        _deterministic.pop()
-
-
-def deterministic():
-    """Whether attention backwards must be bitwise reproducible (use_deterministic)."""
-    return bool(_deterministic and _deterministic[-1])
+    """Deprecated, and a no-op: every pykernels backward is already deterministic (bitwise
+    reproducible run to run: no backend uses atomics), whatever ``enabled`` says. Entering
+    the block emits a FutureWarning; the function will be removed."""
+    warnings.warn("pykernels.use_deterministic is deprecated and does nothing: every "
+                  "pykernels backward is already deterministic (bitwise reproducible); it "
+                  "will be removed", FutureWarning, stacklevel=3)
+    yield
 
 
 def _kernels(backend):
@@ -118,14 +116,11 @@ def attention_backward(
     softcap: float,
     dropout_p: float,
     rng: Tensor | None,
-    deterministic: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if q.shape[0] * q.shape[1] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     _, backward = _kernels(backend)
-    # Every backend's backward is deterministic by construction (no atomics), so
-    # `deterministic` selects nothing; it stays in the op's schema for a faster, atomic path.
     dq, dk, dv = backward(grad_out, q, k, v, out, lse, mask, scale, causal, window_left,
                           window_right, softcap, dropout_p, *_seed_offset(rng))
     return dq, dk, dv
@@ -133,7 +128,7 @@ def attention_backward(
 
 @attention_backward.register_fake
 def _(grad_out, q, k, v, out, lse, mask, scale, causal, window_left, window_right, softcap,
-      dropout_p, rng, deterministic, backend):
+      dropout_p, rng, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -183,8 +178,7 @@ def _backward(ctx, grad_out, grad_lse):
                                    "graph of the gradient (create_graph=True)")
         return (*grads,) + (None,) * 8
     dq, dk, dv = torch.ops.pykernels.attention_backward(
-        grad_out.contiguous(), q, k, v, out, lse, mask, *ctx.options, rng, deterministic(),
-        ctx.backend)
+        grad_out.contiguous(), q, k, v, out, lse, mask, *ctx.options, rng, ctx.backend)
     grad_mask = None
     if ctx.needs_input_grad[3]:
         grad_mask = _composition_grads(ctx, (q.detach(), k.detach(), v.detach(), mask),

@@ -27,12 +27,11 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..activations import ACTIVATIONS, activation_id
+from ..activations import ACTIVATIONS
 from ..backends import kernel_extension, resolve
-from . import _checks, _contract
+from . import _contract
+from ._linear import EMPTY_SHAPE, check_args, fake_grads, rows
 from .autocast import autocast_operands
-
-_EMPTY_SHAPE = (0,)
 
 
 def _kernels(backend):
@@ -62,7 +61,7 @@ def linear_act_forward(
 @linear_act_forward.register_fake
 def _(input, weight, bias, activation, negative_slope, save_preact, backend):
     shape = (input.shape[0], weight.shape[0])
-    return input.new_empty(shape), input.new_empty(shape if save_preact else _EMPTY_SHAPE)
+    return input.new_empty(shape), input.new_empty(shape if save_preact else EMPTY_SHAPE)
 
 
 @torch.library.custom_op("pykernels::linear_act_backward", mutates_args=())
@@ -87,11 +86,7 @@ def linear_act_backward(
 @linear_act_backward.register_fake
 def _(grad_out, input, weight, saved, activation, negative_slope, saved_is_output, has_bias,
       need_input_grad, need_weight_grad, backend):
-    def maybe(shape, needed):
-        return grad_out.new_empty(shape if needed else _EMPTY_SHAPE)
-
-    return (maybe(input.shape, need_input_grad), maybe(weight.shape, need_weight_grad),
-            maybe(weight.shape[:1], has_bias))
+    return fake_grads(grad_out, input, weight, need_input_grad, need_weight_grad, has_bias)
 
 
 # Activations whose backward keeps the output y (see the module docstring).
@@ -129,7 +124,7 @@ def _backward(ctx, grad_out, grad_preact):
         return (*grads, None, None, None, None)
     need_bias = need_bias and bias is not None
     if saved is None:  # no activation: the kernels read dy in its place
-        saved = grad_out.new_empty(_EMPTY_SHAPE)
+        saved = grad_out.new_empty(EMPTY_SHAPE)
     grad_input, grad_weight, grad_bias = torch.ops.pykernels.linear_act_backward(
         grad_out, input, weight, saved, activation, negative_slope, ctx.keeps_output,
         need_bias, need_input, need_weight, ctx.backend)
@@ -140,32 +135,6 @@ def _backward(ctx, grad_out, grad_preact):
 torch.library.register_autograd(
     "pykernels::linear_act_forward", _backward, setup_context=_setup_context
 )
-
-
-def _check_args(input, weight, bias, activation, negative_slope):
-    """Validate the public arguments; returns the activation id. Errors name the argument."""
-    _checks.tensor(input, "input")
-    _checks.tensor(weight, "weight", like=input)
-    if bias is not None:
-        _checks.tensor(bias, "bias", like=input)
-    if weight.dim() != 2:
-        raise ValueError(
-            f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
-    if input.dim() == 0 or input.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"input.shape[-1] must equal weight.shape[1] (in_features = {weight.shape[1]}), "
-            f"got input of shape {tuple(input.shape)}")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(
-            f"bias must have shape ({weight.shape[0]},) (out_features), "
-            f"got {tuple(bias.shape)}")
-    _checks.real(negative_slope, "negative_slope")
-    return activation_id(activation)
-
-
-def _rows(t):
-    """``t`` as a 2-D (rows, last dim) tensor; explicit sizes, as -1 fails for 0 columns."""
-    return t.reshape(t.shape[:-1].numel(), t.shape[-1])
 
 
 def linear_act(input, weight, bias=None, activation="none", *, negative_slope=0.01,
@@ -182,12 +151,12 @@ def linear_act(input, weight, bias=None, activation="none", *, negative_slope=0.
         backend: cpu, cuda, triton, torch or auto (see pykernels.backends).
     """
     input, weight, bias = autocast_operands(input, weight, bias)
-    act = _check_args(input, weight, bias, activation, negative_slope)
+    act = check_args(input, weight, bias, activation, negative_slope)
     negative_slope = float(negative_slope)
     name = resolve(backend, input.device, input.dtype)
     if name == "torch" or _contract.runs_composition(input, weight, bias):
         return reference.linear_act(input, weight, bias, activation, negative_slope)
     save_preact = activation not in ("none",) + _KEEPS_OUTPUT
     out, _ = torch.ops.pykernels.linear_act_forward(
-        _rows(input), weight, bias, act, negative_slope, save_preact, name)
+        rows(input), weight, bias, act, negative_slope, save_preact, name)
     return out.view(*input.shape[:-1], weight.shape[0])

@@ -33,11 +33,8 @@ from .. import reference
 from ..activations import ACTIVATION_IDS, ACTIVATIONS
 from ..backends import kernel_extension, resolve
 from . import _contract
+from ._linear import EMPTY_SHAPE, check_args, fake_grads, rows
 from .autocast import autocast_operands
-from .linear_act import _check_args as check_linear_args
-from .linear_act import _rows
-
-_EMPTY_SHAPE = (0,)
 
 
 def _kernels(backend):
@@ -68,9 +65,9 @@ def linear_glu_forward(
 
 @linear_glu_forward.register_fake
 def _(input, weight, bias, activation, negative_slope, save_preact, backend):
-    rows, gated = input.shape[0], weight.shape[0]
-    return (input.new_empty((rows, gated // 2)),
-            input.new_empty((rows, gated) if save_preact else _EMPTY_SHAPE))
+    m, gated = input.shape[0], weight.shape[0]
+    return (input.new_empty((m, gated // 2)),
+            input.new_empty((m, gated) if save_preact else EMPTY_SHAPE))
 
 
 @torch.library.custom_op("pykernels::linear_glu_backward", mutates_args=())
@@ -91,7 +88,7 @@ def linear_glu_backward(
     # [dg | du] is the gradient of the pre-activation input @ weight.T + bias: linear_act's
     # backward with no activation (and its bias sum already done) gives the two GEMMs.
     grad_input, grad_weight, _ = linear_backward(
-        dgu, input, weight, dgu.new_empty(_EMPTY_SHAPE), ACTIVATION_IDS["none"], 0.0, True,
+        dgu, input, weight, dgu.new_empty(EMPTY_SHAPE), ACTIVATION_IDS["none"], 0.0, True,
         False, need_input_grad, need_weight_grad)
     return grad_input, grad_weight, grad_bias
 
@@ -99,11 +96,7 @@ def linear_glu_backward(
 @linear_glu_backward.register_fake
 def _(grad_out, input, weight, gu, activation, negative_slope, has_bias, need_input_grad,
       need_weight_grad, backend):
-    def maybe(shape, needed):
-        return grad_out.new_empty(shape if needed else _EMPTY_SHAPE)
-
-    return (maybe(input.shape, need_input_grad), maybe(weight.shape, need_weight_grad),
-            maybe(weight.shape[:1], has_bias))
+    return fake_grads(grad_out, input, weight, need_input_grad, need_weight_grad, has_bias)
 
 
 def _setup_context(ctx, inputs, output):
@@ -143,12 +136,12 @@ torch.library.register_autograd(
 def _check_args(input, weight, bias, activation, negative_slope):
     """Validate the public arguments; returns the activation id. Errors name the argument.
 
-    linear_act's checks of the (stacked) linear layer, after the one GLU-specific rule."""
+    The linear layer's checks (of the stacked weight), after the one GLU-specific rule."""
     if isinstance(weight, Tensor) and weight.dim() == 2 and weight.shape[0] % 2:
         raise ValueError(
             "weight must be (2 * out_features, in_features), the gate rows stacked on the up "
             f"rows, so its first dim must be even; got shape {tuple(weight.shape)}")
-    return check_linear_args(input, weight, bias, activation, negative_slope)
+    return check_args(input, weight, bias, activation, negative_slope)
 
 
 def linear_glu(input, weight, bias=None, activation="silu", *, negative_slope=0.01,
@@ -179,5 +172,5 @@ def linear_glu(input, weight, bias=None, activation="silu", *, negative_slope=0.
     # gu = [g | u] is written only when a backward may need it.
     save_preact = _contract.wants_grad(input, weight, bias)
     h, _ = torch.ops.pykernels.linear_glu_forward(
-        _rows(input), weight, bias, act, negative_slope, save_preact, name)
+        rows(input), weight, bias, act, negative_slope, save_preact, name)
     return h.view(*input.shape[:-1], weight.shape[0] // 2)

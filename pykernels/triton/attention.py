@@ -61,15 +61,17 @@ import torch
 import triton
 import triton.language as tl
 
-from pykernels.triton.cross_entropy import (
-    _INF,
-    _NEG_INF,
-    _capped,
-    _f64_arg,
-    _interpreting,
-    _split_f64,
+from ..backends import triton_interpreting
+from ._common import (
+    INF,
+    NEG_INF,
+    TL_DTYPES,
+    acc_dtype,
+    capped,
+    f64_arg,
+    input_precision,
+    split_f64,
 )
-from pykernels.triton.linear_act import _TL_DTYPES, _acc_dtype, _input_precision
 
 # ---------------------------------------------------------------------------------------------
 # Shared device helpers
@@ -112,7 +114,7 @@ def _scores(qk, i, j, L, S, mask_ptrs, scale, cap, left, right,
     t is the capped score before the mask (for the softcap gradient); s adds the mask and
     is -inf outside the band and outside [0, L) x [0, S).
     """
-    t = _capped(qk * scale, cap, SOFTCAP)
+    t = capped(qk * scale, cap, SOFTCAP)
     ok = (i[:, None] < L) & (j[None, :] < S)
     s = t
     if HAS_MASK:
@@ -123,7 +125,7 @@ def _scores(qk, i, j, L, S, mask_ptrs, scale, cap, left, right,
         ok &= j[None, :] >= i[:, None] - left
     if WINDOW_RIGHT:
         ok &= j[None, :] <= i[:, None] + right
-    return tl.where(ok, s, _NEG_INF), t
+    return tl.where(ok, s, NEG_INF), t
 
 
 @triton.jit
@@ -181,7 +183,7 @@ def _score_grads(p, dp, delta, t, cap, seed_lo, seed_hi, offset_lo, offset_hi, e
                  DROPOUT: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """(P D / (1 - p), dS) of a tile from P, dP' = dO v^T (before dropout) and Delta."""
     if DROPOUT:
-        rescale = _f64_arg(rescale_hi, rescale_lo, ACC_DTYPE)
+        rescale = f64_arg(rescale_hi, rescale_lo, ACC_DTYPE)
         keep = _dropout_keep(seed_lo, seed_hi, offset_lo, offset_hi, elem_row, j, threshold)
         pd = tl.where(keep, p * rescale, 0.0)
         dp = tl.where(keep, dp * rescale, 0.0)
@@ -218,8 +220,8 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
 ):
     """out (Z, Hq, L, Ev) and lse (Z, Hq, L), both contiguous, of one query tile."""
-    scale = _f64_arg(scale_hi, scale_lo, ACC_DTYPE)
-    cap = _f64_arg(cap_hi, cap_lo, ACC_DTYPE)
+    scale = f64_arg(scale_hi, scale_lo, ACC_DTYPE)
+    cap = f64_arg(cap_hi, cap_lo, ACC_DTYPE)
     zh, z, h, hk, m0, i = _query_tile(Hq, G, L, CAUSAL, BLOCK_M)
     e = tl.arange(0, BLOCK_E)
     ev = tl.arange(0, BLOCK_EV)
@@ -237,7 +239,7 @@ def _attn_fwd_kernel(
     if DROPOUT:
         elem_row = (zh * L + i) * S
 
-    m = tl.full((BLOCK_M,), _NEG_INF, ACC_DTYPE)
+    m = tl.full((BLOCK_M,), NEG_INF, ACC_DTYPE)
     l_sum = tl.zeros((BLOCK_M,), ACC_DTYPE)
     acc = tl.zeros((BLOCK_M, BLOCK_EV), ACC_DTYPE)
     for n0 in range(n_start, n_end, BLOCK_N):
@@ -249,7 +251,7 @@ def _attn_fwd_kernel(
                        WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ACC_DTYPE)
         m_new = tl.maximum(m, tl.max(s, axis=1))
         # While a row has seen nothing finite, exponents are taken against 0: p = 0, alpha = 0.
-        m_ref = tl.where(m_new == _NEG_INF, 0.0, m_new)
+        m_ref = tl.where(m_new == NEG_INF, 0.0, m_new)
         alpha = tl.exp(m - m_ref)
         p = tl.exp(s - m_ref[:, None])
         l_sum = l_sum * alpha + tl.sum(p, axis=1)
@@ -268,9 +270,9 @@ def _attn_fwd_kernel(
     empty = l_sum == 0.0  # no allowed finite score
     inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_sum))
     if DROPOUT:
-        inv = inv * _f64_arg(rescale_hi, rescale_lo, ACC_DTYPE)
+        inv = inv * f64_arg(rescale_hi, rescale_lo, ACC_DTYPE)
     out = acc * inv[:, None]
-    lse = tl.where(empty, _INF, m + tl.log(tl.where(empty, 1.0, l_sum)))
+    lse = tl.where(empty, INF, m + tl.log(tl.where(empty, 1.0, l_sum)))
     row = zh * L + i
     tl.store(_tile_ptrs(out_ptr, row, ev, EV, 1), out.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (ev < EV)[None, :])
@@ -320,8 +322,8 @@ def _attn_bwd_dkdv_kernel(
 
     Sums over the G query heads of the group and the query tiles of the band, in order.
     """
-    scale = _f64_arg(scale_hi, scale_lo, ACC_DTYPE)
-    cap = _f64_arg(cap_hi, cap_lo, ACC_DTYPE)
+    scale = f64_arg(scale_hi, scale_lo, ACC_DTYPE)
+    cap = f64_arg(cap_hi, cap_lo, ACC_DTYPE)
     pid = tl.program_id(0)
     tiles = tl.cdiv(S, BLOCK_N)
     zk = (pid // tiles).to(tl.int64)
@@ -398,8 +400,8 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
 ):
     """dq (Z, Hq, L, E), contiguous, of one query tile."""
-    scale = _f64_arg(scale_hi, scale_lo, ACC_DTYPE)
-    cap = _f64_arg(cap_hi, cap_lo, ACC_DTYPE)
+    scale = f64_arg(scale_hi, scale_lo, ACC_DTYPE)
+    cap = f64_arg(cap_hi, cap_lo, ACC_DTYPE)
     zh, z, h, hk, m0, i = _query_tile(Hq, G, L, CAUSAL, BLOCK_M)
     row_ok = i < L
     e = tl.arange(0, BLOCK_E)
@@ -501,7 +503,7 @@ def _config(kind, device, block_e, block_ev, size, has_mask):
     kind "fwd" and "dq" stream key tiles (BLOCK_N), "dkdv" streams query tiles (BLOCK_M).
     Every size is a power of two and at least 16, so every tl.dot tile is GPU-legal.
     """
-    if _interpreting():
+    if triton_interpreting():
         return _INTERPRET_BLOCK, _INTERPRET_BLOCK, 1, 1
     d = max(block_e, block_ev)
     bucket = 64 if d <= 64 else 128 if d <= 128 else 256
@@ -535,31 +537,28 @@ def _i32_halves(x):
 
 def _common_args(q, k, v, mask, scale, causal, window_left, window_right, softcap, dropout_p,
                  seed, offset):
-    """The arguments shared by the forward, dK/dV and dQ kernels, as (middle, flags):
-    middle runs from the q strides to the dropout threshold, flags are the constexprs."""
-    L, S = q.shape[2], k.shape[2]
-    reach = L + S  # a window at least this wide bounds nothing
-    left = min(int(window_left), reach) if window_left >= 0 else -1
-    right = min(int(window_right), reach) if window_right >= 0 else -1
+    """The arguments the forward, dK/dV and dQ kernels share, as (strides, scalars, flags):
+    the q, k, v and mask strides, the scalars from the window to the dropout threshold (the
+    backward kernels take dO's strides between the two), and the constexprs."""
     mask_strides = (0, 0, 0, 0) if mask is None else mask.stride()
+    strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides)
     dropout = dropout_p > 0
     threshold = math.ceil(dropout_p * (1 << 24)) if dropout else 0
     rescale = 1.0 / (1.0 - dropout_p) if dropout else 1.0
-    middle = (
-        *q.stride(), *k.stride(), *v.stride(), *mask_strides,
-        left, right,
-        *_split_f64(float(scale)), *_split_f64(float(softcap) if softcap > 0 else 1.0),
-        *_split_f64(rescale),
+    scalars = (
+        int(window_left), int(window_right),
+        *split_f64(float(scale)), *split_f64(float(softcap) if softcap > 0 else 1.0),
+        *split_f64(rescale),
         *_i32_halves(int(seed)), *_i32_halves(int(offset)), threshold,
     )
     flags = dict(
-        HAS_MASK=mask is not None, CAUSAL=bool(causal), WINDOW_LEFT=left >= 0,
-        WINDOW_RIGHT=right >= 0, SOFTCAP=softcap > 0, DROPOUT=dropout,
-        ACC_DTYPE=_TL_DTYPES[_acc_dtype(q.dtype)], INPUT_PRECISION=_input_precision(q.dtype),
+        HAS_MASK=mask is not None, CAUSAL=bool(causal), WINDOW_LEFT=window_left >= 0,
+        WINDOW_RIGHT=window_right >= 0, SOFTCAP=softcap > 0, DROPOUT=dropout,
+        ACC_DTYPE=TL_DTYPES[acc_dtype(q.dtype)], INPUT_PRECISION=input_precision(q.dtype),
         BLOCK_E=max(16, triton.next_power_of_2(q.shape[3])),
         BLOCK_EV=max(16, triton.next_power_of_2(v.shape[3])),
     )
-    return middle, flags
+    return strides, scalars, flags
 
 
 def _launch_config(kind, q, flags):
@@ -576,9 +575,10 @@ def attention_forward(q, k, v, mask, scale, causal, window_left, window_right, s
     q (Z, Hq, L, E), k (Z, Hkv, S, E), v (Z, Hkv, S, Ev): any strides; Hq % Hkv == 0 (query
     head h uses kv head h // (Hq // Hkv)). mask: None, or an additive float mask in q's dtype
     viewed as (Z, Hq, L, S), possibly with zero strides. scale: float; causal: bool (j <= i);
-    window_left / window_right: int >= 0, or -1 for unbounded (i - left <= j <= i + right);
-    softcap: float > 0, or 0 for none; dropout_p in [0, 1); seed, offset: ints (the keep mask
-    is a pure function of seed, offset, z, h, i, j).
+    window_left / window_right: int in [0, L + S], or -1 for unbounded (i - left <= j <=
+    i + right; the op layer clamps wider sides to L + S, which keeps the kernels' index
+    arithmetic far from overflow); softcap: float > 0, or 0 for none; dropout_p in [0, 1);
+    seed, offset: ints (the keep mask is a pure function of seed, offset, z, h, i, j).
     Returns out (Z, Hq, L, Ev), contiguous, in q's dtype, and lse (Z, Hq, L), contiguous, in
     the accumulation dtype (float64 for float64 inputs, float32 otherwise); a fully masked
     row has out 0 and lse +inf. Arguments are assumed valid (the op layer checks them).
@@ -587,17 +587,17 @@ def attention_forward(q, k, v, mask, scale, causal, window_left, window_right, s
     Hkv, S = k.shape[1], k.shape[2]
     Ev = v.shape[3]
     out = torch.empty((Z, Hq, L, Ev), dtype=q.dtype, device=q.device)
-    lse = torch.empty((Z, Hq, L), dtype=_acc_dtype(q.dtype), device=q.device)
+    lse = torch.empty((Z, Hq, L), dtype=acc_dtype(q.dtype), device=q.device)
     if Z * Hq * L == 0:
         return out, lse
-    middle, flags = _common_args(q, k, v, mask, scale, causal, window_left, window_right,
-                                 softcap, dropout_p, seed, offset)
+    strides, scalars, flags = _common_args(q, k, v, mask, scale, causal, window_left,
+                                           window_right, softcap, dropout_p, seed, offset)
     cfg = _launch_config("fwd", q, flags)
     grid = (Z * Hq * triton.cdiv(L, cfg["BLOCK_M"]),)
     _attn_fwd_kernel[grid](
         q, k, v, q if mask is None else mask, out, lse,
         Hq, Hq // Hkv, L, S, E, Ev,
-        *middle, **flags, **cfg,
+        *strides, *scalars, **flags, **cfg,
     )
     return out, lse
 
@@ -618,31 +618,27 @@ def attention_backward(dout, q, k, v, out, lse, mask, scale, causal, window_left
     if Z * Hkv * S == 0:  # no keys: every row is fully masked
         return dq.zero_(), dk, dv
     lse = lse.contiguous()
-    middle, flags = _common_args(q, k, v, mask, scale, causal, window_left, window_right,
-                                 softcap, dropout_p, seed, offset)
-    acc_dtype = _acc_dtype(q.dtype)
-    delta = torch.empty((Z, Hq, L), dtype=acc_dtype, device=q.device)
+    strides, scalars, flags = _common_args(q, k, v, mask, scale, causal, window_left,
+                                           window_right, softcap, dropout_p, seed, offset)
+    delta = torch.empty((Z, Hq, L), dtype=acc_dtype(q.dtype), device=q.device)
     if L > 0:
-        delta_rows = _INTERPRET_BLOCK if _interpreting() else _DELTA_ROWS
+        delta_rows = _INTERPRET_BLOCK if triton_interpreting() else _DELTA_ROWS
         _attn_bwd_delta_kernel[(Z * Hq * triton.cdiv(L, delta_rows),)](
             out, dout, delta, Hq, L, Ev, *out.stride(), *dout.stride(),
             ACC_DTYPE=flags["ACC_DTYPE"], BLOCK_M=delta_rows, BLOCK_EV=flags["BLOCK_EV"],
         )
     mask_arg = q if mask is None else mask
-    # Strides: q, k, v, mask (in middle), then dO's after them.
-    nq = 16
-    strided, rest = middle[:nq], middle[nq:]
     cfg = _launch_config("dkdv", q, flags)
     _attn_bwd_dkdv_kernel[(Z * Hkv * triton.cdiv(S, cfg["BLOCK_N"]),)](
         q, k, v, mask_arg, dout, lse, delta, dk, dv,
         Hq, Hkv, Hq // Hkv, L, S, E, Ev,
-        *strided, *dout.stride(), *rest, **flags, **cfg,
+        *strides, *dout.stride(), *scalars, **flags, **cfg,
     )
     if L > 0:
         cfg = _launch_config("dq", q, flags)
         _attn_bwd_dq_kernel[(Z * Hq * triton.cdiv(L, cfg["BLOCK_M"]),)](
             q, k, v, mask_arg, dout, lse, delta, dq,
             Hq, Hq // Hkv, L, S, E, Ev,
-            *strided, *dout.stride(), *rest, **flags, **cfg,
+            *strides, *dout.stride(), *scalars, **flags, **cfg,
         )
     return dq, dk, dv

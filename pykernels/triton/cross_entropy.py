@@ -41,56 +41,18 @@ Ignored rows are not read at all (their loads are masked off).
 
 Accumulation is float32, or float64 for float64 logits (the interpreter's gradcheck).
 Triton passes a Python float as float32, so label_smoothing, z_loss and softcap travel as
-float32 hi + lo pairs (linear_act._split_slope), exact enough for float64.
+float32 hi + lo pairs (_common.split_f64), exact enough for float64.
 """
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from pykernels.triton.linear_act import _TL_DTYPES, _acc_dtype, _tanh
-from pykernels.triton.linear_act import _slope as _f64_arg  # hi + lo, in ACC_DTYPE
-from pykernels.triton.linear_act import _split_slope as _split_f64
-
-_NEG_INF = tl.constexpr(float("-inf"))
-_INF = tl.constexpr(float("inf"))
-_NAN = tl.constexpr(float("nan"))
+from ..backends import triton_interpreting
+from ._common import INF, NAN, NEG_INF, TL_DTYPES, acc_dtype, capped, f64_arg, split_f64
 
 _SCALE_BLOCK = 1024
 _SCALE_BLOCK_INTERPRET = 256
-
-
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@triton.jit
-def _tanh_accurate(z):
-    """tanh(z) within about 1.5 ulp in float32; linear_act's _tanh in float64.
-
-    linear_act's exp form is accurate to about 1 ulp of 1, which near 0 is many ulps of
-    tanh. Below |z| = 0.625 float32 takes Cephes' tanhf polynomial instead (under 0.8 ulp),
-    so that softcap * tanh(x / softcap) keeps the precision of x for small logits.
-    """
-    if z.dtype == tl.float64:
-        t = _tanh(z)
-    else:
-        z2 = z * z
-        poly = ((((z2 * -5.70498872745e-3 + 2.06390887954e-2) * z2 - 5.37397155531e-2) * z2
-                 + 1.33314422036e-1) * z2 - 3.33332819422e-1)
-        t = tl.where(tl.abs(z) < 0.625, z + z * z2 * poly, _tanh(z))
-    return t
-
-
-@triton.jit
-def _capped(x, cap, SOFTCAP: tl.constexpr):
-    """s = cap * tanh(x / cap) when SOFTCAP, else x."""
-    if SOFTCAP:
-        return _tanh_accurate(x / cap) * cap
-    else:
-        return x
 
 
 @triton.jit
@@ -98,8 +60,8 @@ def _load_logits(logits_ptr, row_offset, c, mask, s_c, cap, SOFTCAP: tl.constexp
                  ACC_DTYPE: tl.constexpr):
     """The capped logits s of one chunk; masked lanes are -inf."""
     x = tl.load(logits_ptr + row_offset[:, None] + c[None, :].to(tl.int64) * s_c,
-                mask=mask, other=_NEG_INF).to(ACC_DTYPE)
-    return tl.where(mask, _capped(x, cap, SOFTCAP), _NEG_INF)
+                mask=mask, other=NEG_INF).to(ACC_DTYPE)
+    return tl.where(mask, capped(x, cap, SOFTCAP), NEG_INF)
 
 
 @triton.jit
@@ -140,9 +102,9 @@ def _cross_entropy_rows_kernel(
     target_ptr holds R int64 indices; grad strides g_*; loss_ptr R values in ACC_DTYPE;
     scale one value (not SCALE_PER_ROW) or R values.
     """
-    eps = _f64_arg(eps_hi, eps_lo, ACC_DTYPE)
-    z = _f64_arg(z_hi, z_lo, ACC_DTYPE)
-    cap = _f64_arg(cap_hi, cap_lo, ACC_DTYPE)
+    eps = f64_arg(eps_hi, eps_lo, ACC_DTYPE)
+    z = f64_arg(z_hi, z_lo, ACC_DTYPE)
+    cap = f64_arg(cap_hi, cap_lo, ACC_DTYPE)
     NEED_V: tl.constexpr = PROB_TARGET or SMOOTH
 
     pid = tl.program_id(0).to(tl.int64)
@@ -169,14 +131,14 @@ def _cross_entropy_rows_kernel(
         gather = active & in_range
         # The target's logit, read before pass 2 writes anything (grad may be logits).
         x_t = tl.load(logits_ptr + x_row + t * s_c, mask=gather, other=0.0).to(ACC_DTYPE)
-        s_t = _capped(x_t, cap, SOFTCAP)
+        s_t = capped(x_t, cap, SOFTCAP)
         if HAS_WEIGHT:
             w_t = tl.load(weight_ptr + t, mask=gather, other=0.0).to(ACC_DTYPE)
         else:
             w_t = tl.full((ROWS,), 1.0, ACC_DTYPE)
 
     # Pass 1: per-lane online logsumexp (m, d) and, for NEED_V, the sums of v.
-    m = tl.full((ROWS, BLOCK_C), _NEG_INF, ACC_DTYPE)
+    m = tl.full((ROWS, BLOCK_C), NEG_INF, ACC_DTYPE)
     d = tl.zeros((ROWS, BLOCK_C), ACC_DTYPE)
     sv = tl.zeros((ROWS, BLOCK_C), ACC_DTYPE)    # sum v (s - m) over finite s
     vf = tl.zeros((ROWS, BLOCK_C), ACC_DTYPE)    # sum v over finite s
@@ -189,24 +151,24 @@ def _cross_entropy_rows_kernel(
         # A NaN s makes m, and so d, NaN for good (plain maximum would drop it).
         m_new = tl.maximum(m, s, propagate_nan=tl.PropagateNan.ALL)
         # m_new = -inf: nothing finite yet in the lane, d stays 0.
-        d = tl.where(m_new == _NEG_INF, 0.0, d * tl.exp(m - m_new) + tl.exp(s - m_new))
+        d = tl.where(m_new == NEG_INF, 0.0, d * tl.exp(m - m_new) + tl.exp(s - m_new))
         if NEED_V:
             v = _chunk_weights(target_ptr, weight_ptr, q_row, c, mask, t_c, eps, C,
                                PROB_TARGET, HAS_WEIGHT, SMOOTH, ACC_DTYPE)
-            finite = s > _NEG_INF
-            sv = tl.where(m == _NEG_INF, 0.0, sv - vf * (m_new - m))
+            finite = s > NEG_INF
+            sv = tl.where(m == NEG_INF, 0.0, sv - vf * (m_new - m))
             sv += tl.where(finite, v * (s - m_new), 0.0)
             vf += tl.where(finite, v, 0.0)
-            vinf += tl.where(mask & (s == _NEG_INF), v * _INF, 0.0)
+            vinf += tl.where(mask & (s == NEG_INF), v * INF, 0.0)
             vtot += v
         m = m_new
 
     row_max = tl.max(m, axis=1)
-    lane_empty = m == _NEG_INF
+    lane_empty = m == NEG_INF
     sum_exp = tl.sum(tl.where(lane_empty, 0.0, d * tl.exp(m - row_max[:, None])), axis=1)
     # A row of only -inf (C > 0) has no softmax: loss and gradient NaN, as in PyTorch.
-    no_softmax = (row_max == _NEG_INF) & (C > 0)
-    log_sum = tl.where(no_softmax, _NAN, tl.log(sum_exp))
+    no_softmax = (row_max == NEG_INF) & (C > 0)
+    log_sum = tl.where(no_softmax, NAN, tl.log(sum_exp))
     # lse - s is formed as (row_max - s) + log_sum, and p as exp(s - row_max) / sum_exp:
     # neither rounds through lse, whose ulp is large for logits near 1e4.
     lse = row_max + log_sum
@@ -230,11 +192,11 @@ def _cross_entropy_rows_kernel(
         loss += z * lse * lse
         coef += 2.0 * z * lse
     # The -inf entries' v * inf would make it inf, not NaN.
-    loss = tl.where(no_softmax, _NAN, loss)
+    loss = tl.where(no_softmax, NAN, loss)
     if not PROB_TARGET:
-        loss = tl.where(in_range, loss, _NAN)
+        loss = tl.where(in_range, loss, NAN)
         loss = tl.where(ignored, 0.0, loss)
-        coef = tl.where(in_range, coef, _NAN)
+        coef = tl.where(in_range, coef, NAN)
         if SMOOTH:
             target_share = w_t * (1.0 - eps)
         else:
@@ -313,7 +275,7 @@ def _rows_config(A, C, B):
     tile of at most 2048 elements. Under the interpreter the chunk is small (64) so that
     loops and masks are exercised at test sizes. These are first guesses, not tuned.
     """
-    if _interpreting():
+    if triton_interpreting():
         max_block_c, max_tile = 64, 256
     else:
         max_block_c, max_tile = 4096, 2048
@@ -346,8 +308,8 @@ def cross_entropy_rows(logits, target, class_weight, ignore_index, label_smoothi
     R = A * B
     if grad is not None:
         _check_scale(scale, R)
-    acc_dtype = _acc_dtype(logits.dtype)
-    loss = torch.empty(R, dtype=acc_dtype, device=logits.device)
+    acc = acc_dtype(logits.dtype)
+    loss = torch.empty(R, dtype=acc, device=logits.device)
     if R == 0:
         return loss
     prob_target = target.is_floating_point()
@@ -366,12 +328,12 @@ def cross_entropy_rows(logits, target, class_weight, ignore_index, label_smoothi
         A, C, B,
         *logits.stride(), *t_strides, *g_strides,
         int(ignore_index),
-        *_split_f64(float(label_smoothing)), *_split_f64(float(z_loss)),
-        *_split_f64(float(softcap)),
+        *split_f64(float(label_smoothing)), *split_f64(float(z_loss)),
+        *split_f64(float(softcap)),
         PROB_TARGET=prob_target, HAS_WEIGHT=class_weight is not None,
         SMOOTH=label_smoothing > 0, Z_LOSS=z_loss > 0, SOFTCAP=softcap > 0,
         HAS_GRAD=grad is not None, SCALE_PER_ROW=scale_per_row,
-        ROWS_ALONG_B=rows_along_b, ACC_DTYPE=_TL_DTYPES[acc_dtype],
+        ROWS_ALONG_B=rows_along_b, ACC_DTYPE=TL_DTYPES[acc],
         ROWS=rows, BLOCK_C=block_c, num_warps=num_warps,
     )
     return loss
@@ -389,11 +351,11 @@ def cross_entropy_scale_grad_(grad, scale):
     CB = C * B
     if A == 0 or CB == 0:
         return grad
-    block = _SCALE_BLOCK_INTERPRET if _interpreting() else _SCALE_BLOCK
+    block = _SCALE_BLOCK_INTERPRET if triton_interpreting() else _SCALE_BLOCK
     tiles = triton.cdiv(CB, block)
     _scale_grad_kernel[(A * tiles,)](
         grad, scale, CB, B, tiles, SCALE_PER_ROW=scale.numel() != 1,
-        ACC_DTYPE=_TL_DTYPES[_acc_dtype(grad.dtype)], BLOCK=block,
-        num_warps=1 if _interpreting() else 4,
+        ACC_DTYPE=TL_DTYPES[acc_dtype(grad.dtype)], BLOCK=block,
+        num_warps=1 if triton_interpreting() else 4,
     )
     return grad

@@ -25,185 +25,47 @@ needs no atomics. The CUDA backend uses the same design and the same rounding of
 dtype.
 """
 
-import os
-import struct
-
 import torch
 import triton
 import triton.language as tl
 
-from pykernels.activations import ACTIVATION_IDS
-
-_NONE = tl.constexpr(ACTIVATION_IDS["none"])
-_RELU = tl.constexpr(ACTIVATION_IDS["relu"])
-_GELU = tl.constexpr(ACTIVATION_IDS["gelu"])
-_GELU_TANH = tl.constexpr(ACTIVATION_IDS["gelu_tanh"])
-_SILU = tl.constexpr(ACTIVATION_IDS["silu"])
-_SIGMOID = tl.constexpr(ACTIVATION_IDS["sigmoid"])
-_TANH = tl.constexpr(ACTIVATION_IDS["tanh"])
-_LEAKY_RELU = tl.constexpr(ACTIVATION_IDS["leaky_relu"])
-
-# These constants go after a tensor in products, as in z * _INV_SQRT2: under the
-# interpreter, constexpr * tensor wraps the tensor in a constexpr.
-_INV_SQRT2 = tl.constexpr(0.70710678118654752440)
-_INV_SQRT_2PI = tl.constexpr(0.39894228040143267794)
-_SQRT_2_OVER_PI = tl.constexpr(0.79788456080286535588)
-_GELU_CUBIC = tl.constexpr(0.044715)
+from ..activations import ACTIVATION_IDS
+from ._activation import NONE, activation_backward, apply_activation
+from ._common import (
+    TL_DTYPES,
+    acc_dtype,
+    column_sums,
+    f64_arg,
+    first_contact,
+    gemm_configs,
+    input_precision,
+    split_f64,
+    tile_rows_cols,
+)
 
 # The dZ kernel: each program covers ROWS_PER_PROGRAM rows by BLOCK_N columns, BLOCK_M rows
 # at a time, and writes one row of fp32 bias partial sums.
 _ACT_GRAD_BLOCK_M = 32
 _ACT_GRAD_BLOCK_N = 128
 _ACT_GRAD_ROWS_PER_PROGRAM = 256
-_COLUMN_SUM_BLOCK_R = 16
-_COLUMN_SUM_BLOCK_N = 128
 
 
-@triton.jit
-def _slope(slope_hi, slope_lo, ACC_DTYPE: tl.constexpr):
-    """The leaky_relu slope in ACC_DTYPE, from the float32 pair of _split_slope."""
-    return tl.cast(slope_hi, ACC_DTYPE) + tl.cast(slope_lo, ACC_DTYPE)
-
-
-@triton.jit
-def _sigmoid(z):
-    return 1.0 / (1.0 + tl.exp(-z))
-
-
-@triton.jit
-def _tanh(z):
-    """tanh(z) = sign(z) (1 - e) / (1 + e), with e = exp(-2|z|) in (0, 1], so nothing overflows.
-
-    This is built from exp because tl.math has no tanh, and libdevice does not run under the
-    interpreter. The absolute error is about 1 ulp of 1. Near
-    0 the relative error grows, because 1 - e cancels.
-    """
-    e = tl.exp(-2.0 * tl.abs(z))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(z < 0, -t, t)
-
-
-@triton.jit
-def _activation(z, ACTIVATION: tl.constexpr, negative_slope):
-    """y = act(z), in z's dtype, with torch's semantics: relu and leaky_relu propagate NaN.
-
-    gelu is 0.5 z (1 + erf(z / sqrt 2)) and gelu_tanh is
-    0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3))).
-    """
-    if ACTIVATION == _RELU:
-        y = tl.where(z <= 0, 0.0, z)
-    elif ACTIVATION == _GELU:
-        y = 0.5 * z * (1.0 + tl.math.erf(z * _INV_SQRT2))
-    elif ACTIVATION == _GELU_TANH:
-        y = 0.5 * z * (1.0 + _tanh((z + z * _GELU_CUBIC * z * z) * _SQRT_2_OVER_PI))
-    elif ACTIVATION == _SILU:
-        y = z * _sigmoid(z)
-    elif ACTIVATION == _SIGMOID:
-        y = _sigmoid(z)
-    elif ACTIVATION == _TANH:
-        y = _tanh(z)
-    elif ACTIVATION == _LEAKY_RELU:
-        y = tl.where(z > 0, z, z * negative_slope)
-    else:
-        y = z
-    return y
-
-
-@triton.jit
-def _activation_backward(dy, s, ACTIVATION: tl.constexpr, SAVED_IS_OUTPUT: tl.constexpr,
-                         negative_slope):
-    """dz = dy * act'(z), with s the output y (SAVED_IS_OUTPUT) or the pre-activation z.
-
-    relu selects rather than multiplies: dz = s <= 0 ? 0 : dy. That makes a masked entry
-    exactly 0 even where dy is inf or NaN, and passes dy through at s = NaN, as torch's
-    threshold_backward does. For the other activations dz = dy * act', where act' is:
-    leaky_relu: s > 0 ? 1 : slope (the same test works on y, because slope >= 0 there)
-    sigmoid:    y (1 - y), y = s or sigmoid(z)
-    tanh:       1 - y^2,   y = s or tanh(z)
-    gelu:       Phi(z) + z phi(z)
-    gelu_tanh:  0.5 (1 + t) + 0.5 z (1 - t^2) sqrt(2/pi) (1 + 3 c z^2),
-                t = tanh(sqrt(2/pi) (z + c z^3))
-    silu:       sig (1 + z (1 - sig)), sig = sigmoid(z)
-    'none' has no case here: its dz is dy, and the caller does not load s for it.
-    """
-    if ACTIVATION == _RELU:
-        dz = tl.where(s <= 0, 0.0, dy)
-    else:
-        if ACTIVATION == _LEAKY_RELU:
-            d = tl.where(s > 0, 1.0, negative_slope)
-        elif ACTIVATION == _SIGMOID:
-            if SAVED_IS_OUTPUT:
-                y = s
-            else:
-                y = _sigmoid(s)
-            d = y * (1.0 - y)
-        elif ACTIVATION == _TANH:
-            if SAVED_IS_OUTPUT:
-                y = s
-            else:
-                y = _tanh(s)
-            d = 1.0 - y * y
-        elif ACTIVATION == _GELU:
-            d = (0.5 * (1.0 + tl.math.erf(s * _INV_SQRT2))
-                 + s * _INV_SQRT_2PI * tl.exp(-0.5 * s * s))
-        elif ACTIVATION == _GELU_TANH:
-            t = _tanh((s + s * _GELU_CUBIC * s * s) * _SQRT_2_OVER_PI)
-            d = 0.5 * (1.0 + t) + 0.5 * s * (1.0 - t * t) * _SQRT_2_OVER_PI * (
-                1.0 + s * (3.0 * _GELU_CUBIC) * s
-            )
-        else:
-            tl.static_assert(ACTIVATION == _SILU, "'none' has no act': dz is dy")
-            sig = _sigmoid(s)
-            d = sig * (1.0 + s * (1.0 - sig))
-        dz = dy * d
-    return dz
-
-
-@triton.jit
-def _tile_rows_cols(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(rows, cols): the int64 indices of this program's (BLOCK_M, BLOCK_N) tile of an (M, N)
-    product, in grouped order: GROUP_M row tiles in a row use each column tile of b while it
-    is in L2. int64, so tensors past 2^31 elements stay addressable."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pids_per_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // pids_per_group) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % pids_per_group) % group_rows
-    pid_n = (pid % pids_per_group) // group_rows
-    return (pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M),
-            pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N))
-
-
-def _gemm_configs():
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        # CPU tensors under the interpreter: one small tile keeps it fast and skips autotuning.
-        return [
-            triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8},
-                          num_warps=4, num_stages=3)
-        ]
-    # H100 candidates (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps), most preferred
-    # first; _fitting_configs drops those a dtype cannot use. Registers and spills of each
-    # are in CI's table (scripts/triton_aot.py). On sm_90, 128x256 and 256x128 spill 30-900
-    # bytes in 16-bit, only with an activation epilogue (none without one), which runs once
-    # per output tile after the main loop: kept as the large tiles that keep the tensor
-    # cores busiest; a 128x128x32 4-warp tile spilled the same way and is gone (128x128x64
-    # with 8 warps holds the same tile without spilling).
-    shapes = [
-        (128, 256, 64, 3, 8),
-        (256, 128, 64, 3, 8),
-        (128, 128, 64, 4, 8),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-        (64, 32, 32, 4, 4),
-    ]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                      num_warps=warps, num_stages=stages)
-        for bm, bn, bk, stages, warps in shapes
-    ]
+# H100 candidates (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps), most preferred
+# first; _fitting_configs drops those a dtype cannot use. Registers and spills of each
+# are in CI's table (scripts/triton_aot.py). On sm_90, 128x256 and 256x128 spill 30-900
+# bytes in 16-bit, only with an activation epilogue (none without one), which runs once
+# per output tile after the main loop: kept as the large tiles that keep the tensor
+# cores busiest; a 128x128x32 4-warp tile spilled the same way and is gone (128x128x64
+# with 8 warps holds the same tile without spilling).
+_GEMM_SHAPES = [
+    (128, 256, 64, 3, 8),
+    (256, 128, 64, 3, 8),
+    (128, 128, 64, 4, 8),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+    (64, 32, 32, 4, 4),
+]
 
 
 # Exact float32 (input_precision "ieee") multiplies on CUDA cores, with the accumulator in
@@ -234,13 +96,7 @@ def _fitting_configs(configs, named_args, **kwargs):
     return first_contact([c for c in configs if fits(c)] or configs[-1:])
 
 
-def first_contact(configs):
-    """PYKERNELS_TRITON_AUTOTUNE=0 (scripts/gpu_run.sh's default): the first of the configs
-    an autotuner's prune kept, nothing to benchmark; else all of them."""
-    return configs[:1] if os.environ.get("PYKERNELS_TRITON_AUTOTUNE", "1") == "0" else configs
-
-
-@triton.autotune(configs=_gemm_configs(),
+@triton.autotune(configs=gemm_configs(_GEMM_SHAPES, interpret_stages=3),
                  key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "INPUT_PRECISION"],
                  prune_configs_by={"early_config_prune": _fitting_configs})
 @triton.jit
@@ -262,7 +118,7 @@ def _gemm_kernel(
     to c's dtype. The forward runs it on (x, W^T). The backward runs it on (dZ, W) and
     (dZ^T, X), with no bias and no activation.
     """
-    rm, rn = _tile_rows_cols(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm, rn = tile_rows_cols(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rk = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :].to(tl.int64) * stride_ak
     b_ptrs = b_ptr + rk[:, None].to(tl.int64) * stride_bk + rn[None, :] * stride_bn
@@ -288,7 +144,7 @@ def _gemm_kernel(
     mask = mask_m & mask_n
     if STORE_PREACT:
         tl.store(preact_ptr + c_offsets, acc.to(preact_ptr.dtype.element_ty), mask=mask)
-    y = _activation(acc, ACTIVATION, _slope(slope_hi, slope_lo, ACC_DTYPE))
+    y = apply_activation(acc, ACTIVATION, f64_arg(slope_hi, slope_lo, ACC_DTYPE))
     tl.store(c_ptr + c_offsets, y.to(c_ptr.dtype.element_ty), mask=mask)
 
 
@@ -308,7 +164,7 @@ def _act_grad_kernel(
     dz's dtype. When BIAS_PARTIALS, the program writes the slab's column sums,
     partial[pid_m, n] = sum over the slab's rows m of dZ[m, n], in ACC_DTYPE.
     """
-    negative_slope = _slope(slope_hi, slope_lo, ACC_DTYPE)
+    negative_slope = f64_arg(slope_hi, slope_lo, ACC_DTYPE)
     pid_m = tl.program_id(0)
     rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = rn[None, :] < N
@@ -319,10 +175,10 @@ def _act_grad_kernel(
         # Masked elements load dY = 0, so they add nothing to the column sums.
         dz = tl.load(grad_out_ptr + rm[:, None] * stride_gm + rn[None, :] * stride_gn,
                      mask=mask, other=0.0).to(ACC_DTYPE)
-        if ACTIVATION != _NONE:
+        if ACTIVATION != NONE:
             s = tl.load(saved_ptr + rm[:, None] * stride_sm + rn[None, :] * stride_sn,
                         mask=mask, other=0.0).to(ACC_DTYPE)
-            dz = _activation_backward(dz, s, ACTIVATION, SAVED_IS_OUTPUT, negative_slope)
+            dz = activation_backward(dz, s, ACTIVATION, SAVED_IS_OUTPUT, negative_slope)
         if STORE_DZ:
             tl.store(dz_ptr + rm[:, None] * N + rn[None, :], dz.to(dz_ptr.dtype.element_ty),
                      mask=mask)
@@ -331,50 +187,6 @@ def _act_grad_kernel(
     if BIAS_PARTIALS:
         tl.store(partial_ptr + pid_m.to(tl.int64) * N + rn, tl.sum(col_sums, axis=0),
                  mask=rn < N)
-
-
-@triton.jit
-def _column_sum_kernel(partial_ptr, out_ptr, R, N, ACC_DTYPE: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[n] = sum_r partial[r, n] for a contiguous (R, N) partial, rounded once to out's dtype.
-
-    The summation order is fixed, so the result is deterministic.
-    """
-    rn = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=ACC_DTYPE)
-    for r0 in range(0, R, BLOCK_R):
-        rr = r0 + tl.arange(0, BLOCK_R)
-        acc += tl.load(partial_ptr + rr[:, None].to(tl.int64) * N + rn[None, :],
-                       mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
-    tl.store(out_ptr + rn, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=rn < N)
-
-
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-_TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
-
-
-def _split_slope(negative_slope):
-    """The slope as hi + lo, two float32 values.
-
-    Triton passes a Python float to a kernel as float32, which would round the slope for
-    float64 tensors. hi + lo carries about 48 bits, and in float32 it rounds back to hi.
-    """
-    hi = struct.unpack("f", struct.pack("f", negative_slope))[0]
-    return hi, struct.unpack("f", struct.pack("f", negative_slope - hi))[0]
-
-
-def _input_precision(dtype):
-    """The tl.dot precision.
-
-    float32 uses TF32 only where torch allows it; torch's default is exact fp32. The setting
-    has no effect on 16-bit operands, and float64 is always exact.
-    """
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
 
 
 def _gemm(a, b, out, bias=None, activation=0, negative_slope=0.0, preact=None):
@@ -396,9 +208,9 @@ def _gemm(a, b, out, bias=None, activation=0, negative_slope=0.0, preact=None):
         triton.next_power_of_2(M), triton.next_power_of_2(N), triton.next_power_of_2(K),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         0 if bias is None else bias.stride(0),
-        *_split_slope(negative_slope),
+        *split_f64(negative_slope),
         HAS_BIAS=bias is not None, ACTIVATION=activation, STORE_PREACT=preact is not None,
-        ACC_DTYPE=_TL_DTYPES[_acc_dtype(a.dtype)], INPUT_PRECISION=_input_precision(a.dtype),
+        ACC_DTYPE=TL_DTYPES[acc_dtype(a.dtype)], INPUT_PRECISION=input_precision(a.dtype),
     )
 
 
@@ -453,24 +265,21 @@ def linear_act_backward(grad_out, input, weight, saved, activation: int, negativ
     dz = torch.empty((M, N), dtype=input.dtype, device=input.device) if store_dz else grad_out
     if (store_dz or has_bias) and N > 0:
         row_programs = triton.cdiv(M, _ACT_GRAD_ROWS_PER_PROGRAM)
-        acc_dtype = _acc_dtype(input.dtype)
-        partial = (torch.empty((row_programs, N), dtype=acc_dtype, device=input.device)
+        acc = acc_dtype(input.dtype)
+        partial = (torch.empty((row_programs, N), dtype=acc, device=input.device)
                    if has_bias else grad_out)
         _act_grad_kernel[(row_programs, triton.cdiv(N, _ACT_GRAD_BLOCK_N))](
             grad_out, saved, dz, partial,
             M, N,
             grad_out.stride(0), grad_out.stride(1), saved.stride(0), saved.stride(1),
-            *_split_slope(negative_slope),
+            *split_f64(negative_slope),
             ACTIVATION=activation, SAVED_IS_OUTPUT=saved_is_output, STORE_DZ=store_dz,
-            BIAS_PARTIALS=has_bias, ACC_DTYPE=_TL_DTYPES[acc_dtype],
+            BIAS_PARTIALS=has_bias, ACC_DTYPE=TL_DTYPES[acc],
             ROWS_PER_PROGRAM=_ACT_GRAD_ROWS_PER_PROGRAM, BLOCK_M=_ACT_GRAD_BLOCK_M,
             BLOCK_N=_ACT_GRAD_BLOCK_N,
         )
         if has_bias:
-            _column_sum_kernel[(triton.cdiv(N, _COLUMN_SUM_BLOCK_N),)](
-                partial, grad_bias, row_programs, N, ACC_DTYPE=_TL_DTYPES[acc_dtype],
-                BLOCK_R=_COLUMN_SUM_BLOCK_R, BLOCK_N=_COLUMN_SUM_BLOCK_N,
-            )
+            column_sums(partial, grad_bias, row_programs, N, acc)
     if need_input_grad:
         _gemm(dz, weight, grad_input)
     if need_weight_grad:

@@ -6,35 +6,30 @@ fed by one load of the x tile per k step, and gates them in the epilogue: h is t
 (M, N) store unless the backward needs [g | u] (stored then, (M, 2N), biases added).
 
 Backward, with h = act(g) u:
-    dg = dh * u * act'(g)      (relu: the select of _activation_backward)
+    dg = dh * u * act'(g)      (relu: the select of activation_backward)
     du = dh * act(g)
     grad_bias   = column sums of [dg | du]
     grad_input  = [dg | du] @ W,   grad_weight = [dg | du]^T @ x
 One kernel forms [dg | du] and the fp32 column partials of both halves (added up in a fixed
-order by linear_act's _column_sum_kernel); the GEMMs are linear_act's backward without
+order by _common.column_sum_kernel); the GEMMs are linear_act's backward without
 activation (pykernels/ops/linear_glu.py).
 """
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from pykernels.triton.linear_act import (
-    _COLUMN_SUM_BLOCK_N,
-    _COLUMN_SUM_BLOCK_R,
-    _NONE,
-    _TL_DTYPES,
-    _acc_dtype,
-    _activation,
-    _activation_backward,
-    _column_sum_kernel,
-    _input_precision,
-    _slope,
-    _split_slope,
-    _tile_rows_cols,
+from ._activation import NONE, activation_backward, apply_activation
+from ._common import (
+    TL_DTYPES,
+    acc_dtype,
+    column_sums,
+    f64_arg,
     first_contact,
+    gemm_configs,
+    input_precision,
+    split_f64,
+    tile_rows_cols,
 )
 
 # The backward kernel: a program covers _GRAD_ROWS_PER_PROGRAM rows by _GRAD_BLOCK_N output
@@ -46,25 +41,16 @@ _GRAD_ROWS_PER_PROGRAM = 256
 # Shared memory a config may use (bytes): the H100/H200 limit is 227 KiB per block; A100's 163.
 _SMEM_LIMIT = 160 * 1024
 
-
-def _configs():
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        # CPU tensors under the interpreter: one small tile, no autotuning.
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8},
-                              num_warps=4, num_stages=2)]
-    # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps); every stage holds one x tile and two
-    # weight tiles, so these are smaller than linear_act's; _prune drops what does not fit.
-    shapes = [
-        (128, 128, 64, 3, 8),
-        (128, 128, 32, 4, 8),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-        (64, 64, 32, 4, 4),
-    ]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                          num_warps=warps, num_stages=stages)
-            for bm, bn, bk, stages, warps in shapes]
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps); every stage holds one x tile and two
+# weight tiles, so these are smaller than linear_act's; _prune drops what does not fit.
+_SHAPES = [
+    (128, 128, 64, 3, 8),
+    (128, 128, 32, 4, 8),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+    (64, 64, 32, 4, 4),
+]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -79,7 +65,8 @@ def _prune(configs, named_args, **kwargs):
     return first_contact(fitting or [min(configs, key=smem)])
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "INPUT_PRECISION"],
+@triton.autotune(configs=gemm_configs(_SHAPES, interpret_stages=2),
+                 key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "INPUT_PRECISION"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _glu_forward_kernel(
@@ -96,7 +83,7 @@ def _glu_forward_kernel(
 
     a (M, K) and w (2N, K) take any strides; h and gu are contiguous.
     """
-    rm, rn = _tile_rows_cols(M, N, BLOCK_M, BLOCK_N, GROUP_M)  # rn: output columns
+    rm, rn = tile_rows_cols(M, N, BLOCK_M, BLOCK_N, GROUP_M)  # rn: output columns
     rk = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :].to(tl.int64) * stride_ak
     # b = W^T: element (k, j) of the gate half at w[j, k], of the up half at w[N + j, k].
@@ -129,7 +116,7 @@ def _glu_forward_kernel(
         gu_offsets = rm[:, None] * (2 * N) + rn[None, :]
         tl.store(gu_ptr + gu_offsets, acc_g.to(gu_ptr.dtype.element_ty), mask=mask)
         tl.store(gu_ptr + gu_offsets + N, acc_u.to(gu_ptr.dtype.element_ty), mask=mask)
-    h = _activation(acc_g, ACTIVATION, _slope(slope_hi, slope_lo, ACC_DTYPE)) * acc_u
+    h = apply_activation(acc_g, ACTIVATION, f64_arg(slope_hi, slope_lo, ACC_DTYPE)) * acc_u
     tl.store(h_ptr + rm[:, None] * N + rn[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
@@ -146,7 +133,7 @@ def _glu_grad_kernel(
     one slab of ROWS_PER_PROGRAM rows; with BIAS_PARTIALS also the slab's column sums,
     partial[pid_m, c] for the 2N columns c, in ACC_DTYPE.
     """
-    negative_slope = _slope(slope_hi, slope_lo, ACC_DTYPE)
+    negative_slope = f64_arg(slope_hi, slope_lo, ACC_DTYPE)
     pid_m = tl.program_id(0)
     rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = rn[None, :] < N
@@ -161,11 +148,11 @@ def _glu_grad_kernel(
         gu_offsets = rm[:, None] * (2 * N) + rn[None, :]
         g = tl.load(gu_ptr + gu_offsets, mask=mask, other=0.0).to(ACC_DTYPE)
         u = tl.load(gu_ptr + gu_offsets + N, mask=mask, other=0.0).to(ACC_DTYPE)
-        if ACTIVATION == _NONE:
+        if ACTIVATION == NONE:
             dg = dh * u
         else:
-            dg = _activation_backward(dh * u, g, ACTIVATION, False, negative_slope)
-        du = dh * _activation(g, ACTIVATION, negative_slope)
+            dg = activation_backward(dh * u, g, ACTIVATION, False, negative_slope)
+        du = dh * apply_activation(g, ACTIVATION, negative_slope)
         tl.store(dgu_ptr + gu_offsets, dg.to(dgu_ptr.dtype.element_ty), mask=mask)
         tl.store(dgu_ptr + gu_offsets + N, du.to(dgu_ptr.dtype.element_ty), mask=mask)
         if BIAS_PARTIALS:
@@ -198,10 +185,10 @@ def linear_glu_forward(input, weight, bias, activation: int, negative_slope: flo
         triton.next_power_of_2(M), triton.next_power_of_2(N), triton.next_power_of_2(K),
         input.stride(0), input.stride(1), weight.stride(0), weight.stride(1),
         0 if bias is None else bias.stride(0),
-        *_split_slope(negative_slope),
+        *split_f64(negative_slope),
         HAS_BIAS=bias is not None, ACTIVATION=activation, STORE_PREACT=save_preact,
-        ACC_DTYPE=_TL_DTYPES[_acc_dtype(input.dtype)],
-        INPUT_PRECISION=_input_precision(input.dtype),
+        ACC_DTYPE=TL_DTYPES[acc_dtype(input.dtype)],
+        INPUT_PRECISION=input_precision(input.dtype),
     )
     return h, gu
 
@@ -217,22 +204,19 @@ def linear_glu_grad_preact(grad_out, gu, activation: int, negative_slope: float,
     if M == 0 or N == 0:
         return dgu, grad_bias.zero_()
     row_programs = triton.cdiv(M, _GRAD_ROWS_PER_PROGRAM)
-    acc_dtype = _acc_dtype(grad_out.dtype)
+    acc = acc_dtype(grad_out.dtype)
     # Without a bias the partial sums are not stored: dgu stands in for the pointer.
-    partial = (torch.empty((row_programs, 2 * N), dtype=acc_dtype, device=grad_out.device)
+    partial = (torch.empty((row_programs, 2 * N), dtype=acc, device=grad_out.device)
                if has_bias else dgu)
     _glu_grad_kernel[(row_programs, triton.cdiv(N, _GRAD_BLOCK_N))](
         grad_out, gu, dgu, partial,
         M, N,
         grad_out.stride(0), grad_out.stride(1),
-        *_split_slope(negative_slope),
-        ACTIVATION=activation, BIAS_PARTIALS=has_bias, ACC_DTYPE=_TL_DTYPES[acc_dtype],
+        *split_f64(negative_slope),
+        ACTIVATION=activation, BIAS_PARTIALS=has_bias, ACC_DTYPE=TL_DTYPES[acc],
         ROWS_PER_PROGRAM=_GRAD_ROWS_PER_PROGRAM, BLOCK_M=_GRAD_BLOCK_M, BLOCK_N=_GRAD_BLOCK_N,
     )
     if has_bias:
-        _column_sum_kernel[(triton.cdiv(2 * N, _COLUMN_SUM_BLOCK_N),)](
-            partial, grad_bias, row_programs, 2 * N, ACC_DTYPE=_TL_DTYPES[acc_dtype],
-            BLOCK_R=_COLUMN_SUM_BLOCK_R, BLOCK_N=_COLUMN_SUM_BLOCK_N,
-        )
+        column_sums(partial, grad_bias, row_programs, 2 * N, acc)
     return dgu, grad_bias
 
