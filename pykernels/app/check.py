@@ -8,8 +8,9 @@ from .. import reference
 from ..activations import ACTIVATIONS
 from ..backends import backends, supports
 from ..ops import attention
-from ..ops.cross_entropy import cross_entropy, linear_cross_entropy
+from ..ops.cross_entropy import cross_entropy
 from ..ops.linear_act import linear_act
+from ..ops.linear_cross_entropy import linear_cross_entropy
 from ..testing import within_low_precision_rule
 
 # cross-entropy variants: PyTorch's options alone, then with every extra at once.

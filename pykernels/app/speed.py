@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.attention import scaled_dot_product_attention
-from ..ops.cross_entropy import cross_entropy, linear_cross_entropy
+from ..ops.cross_entropy import cross_entropy
 from ..ops.linear_act import linear_act
+from ..ops.linear_cross_entropy import linear_cross_entropy
 from . import timing
 
 INPUT_SETS = 3
