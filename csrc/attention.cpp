@@ -21,9 +21,8 @@
 namespace pykernels {
 namespace {
 
-AttentionParams params(double scale, bool causal, int64_t window_left,
-                            int64_t window_right, double softcap, double dropout_p,
-                            int64_t seed, int64_t offset) {
+AttentionParams params(double scale, bool causal, int64_t window_left, int64_t window_right,
+                       double softcap, double dropout_p, int64_t seed, int64_t offset) {
   TORCH_CHECK(dropout_p >= 0 && dropout_p < 1 && softcap >= 0 && window_left >= -1 &&
                   window_right >= -1,
               "pykernels: attention needs 0 <= dropout_p < 1, softcap >= 0, windows >= -1");

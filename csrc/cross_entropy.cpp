@@ -132,7 +132,7 @@ at::Tensor cross_entropy_rows(const at::Tensor& logits, const at::Tensor& target
 void cross_entropy_scale_grad_(at::Tensor& grad, const at::Tensor& scale) {
   TORCH_CHECK(grad.dim() == 3 && grad.is_contiguous() && grad.is_floating_point(),
               "pykernels: grad must be a contiguous 3-D (A, C, B) floating-point tensor");
-  const int64_t A = grad.size(0), C = grad.size(1), B = grad.size(2);
+  const int64_t A = grad.size(0), B = grad.size(2);
   check_acc_vector(scale, grad, "scale", 1, A * B);
   on_device(
       grad,
