@@ -13,35 +13,13 @@
 
 #include "cuda_checks.h"
 #include "linear_act.h"
+#include "linear_cuda.h"
 #endif
 
 namespace pykernels {
 namespace {
 
 #ifdef PYKERNELS_WITH_CUDA
-std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& input_arg,
-                                                const at::Tensor& weight_arg,
-                                                const std::optional<at::Tensor>& bias,
-                                                Activation act, double negative_slope,
-                                                bool save_preact) {
-  const c10::cuda::CUDAGuard guard(input_arg.device());
-  const at::Tensor input = unit_column_stride(input_arg);
-  const at::Tensor weight = weight_arg.contiguous();
-  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const int64_t M = input.size(0), K = input.size(1), N = weight.size(0);
-  at::Tensor out = at::empty({M, N}, input.options());
-  at::Tensor preact = at::empty(save_preact ? at::IntArrayRef{M, N} : at::IntArrayRef{0},
-                                input.options());
-  check_cuda(cuda::linear_act_forward(cuda_dtype(input), input.data_ptr(), input.stride(0),
-                                      weight.data_ptr(),
-                                      bias_c.defined() ? bias_c.data_ptr() : nullptr,
-                                      out.data_ptr(), save_preact ? preact.data_ptr() : nullptr,
-                                      M, N, K, act, static_cast<float>(negative_slope),
-                                      c10::cuda::getCurrentCUDAStream().stream()),
-             "linear_act_forward");
-  return {out, preact};
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& grad_out_arg, const at::Tensor& input_arg, const at::Tensor& weight_arg,
     const at::Tensor& saved_arg, Activation act, double negative_slope, bool saved_is_output,
@@ -102,7 +80,8 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward(const at::Tensor& input,
   return on_device(
       input,
       [&] { return cpu::linear_act_forward(input, weight, bias, act, negative_slope, save_preact); },
-      PYKERNELS_CUDA_CALL(forward_cuda(input, weight, bias, act, negative_slope, save_preact)));
+      PYKERNELS_CUDA_CALL(linear_forward_cuda(false, input, weight, bias, act,
+                                              negative_slope, save_preact)));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(

@@ -14,35 +14,13 @@
 
 #include "cuda_checks.h"
 #include "linear_act.h"
+#include "linear_cuda.h"
 #endif
 
 namespace pykernels {
 namespace {
 
 #ifdef PYKERNELS_WITH_CUDA
-std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& input_arg,
-                                                const at::Tensor& weight_arg,
-                                                const std::optional<at::Tensor>& bias,
-                                                Activation act, double negative_slope,
-                                                bool save_preact) {
-  const c10::cuda::CUDAGuard guard(input_arg.device());
-  const at::Tensor input = unit_column_stride(input_arg);
-  const at::Tensor weight = weight_arg.contiguous();
-  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const int64_t M = input.size(0), K = input.size(1), n = weight.size(0) / 2;
-  at::Tensor h = at::empty({M, n}, input.options());
-  at::Tensor gu = at::empty(save_preact ? at::IntArrayRef{M, 2 * n} : at::IntArrayRef{0},
-                            input.options());
-  check_cuda(cuda::linear_glu_forward(cuda_dtype(input), input.data_ptr(), input.stride(0),
-                                      weight.data_ptr(),
-                                      bias_c.defined() ? bias_c.data_ptr() : nullptr,
-                                      h.data_ptr(), save_preact ? gu.data_ptr() : nullptr, M, n,
-                                      K, act, static_cast<float>(negative_slope),
-                                      c10::cuda::getCurrentCUDAStream().stream()),
-             "linear_glu_forward");
-  return {h, gu};
-}
-
 std::tuple<at::Tensor, at::Tensor> grad_preact_cuda(const at::Tensor& grad_out,
                                                     const at::Tensor& gu_arg, Activation act,
                                                     double negative_slope, bool has_bias) {
@@ -80,7 +58,8 @@ std::tuple<at::Tensor, at::Tensor> linear_glu_forward(const at::Tensor& input,
   return on_device(
       input,
       [&] { return cpu::linear_glu_forward(input, weight, bias, act, negative_slope, save_preact); },
-      PYKERNELS_CUDA_CALL(forward_cuda(input, weight, bias, act, negative_slope, save_preact)));
+      PYKERNELS_CUDA_CALL(linear_forward_cuda(true, input, weight, bias, act,
+                                              negative_slope, save_preact)));
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_glu_grad_preact(const at::Tensor& grad_out,
