@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 
 #include "checks.h"
+#include "dispatch.h"
 #include "cpu/attention.h"
 
 #ifdef PYKERNELS_WITH_CUDA
@@ -20,9 +21,8 @@
 namespace pykernels {
 namespace {
 
-cpu::AttentionParams params(double scale, bool causal, int64_t window_left,
-                            int64_t window_right, double softcap, double dropout_p,
-                            int64_t seed, int64_t offset) {
+AttentionParams params(double scale, bool causal, int64_t window_left, int64_t window_right,
+                       double softcap, double dropout_p, int64_t seed, int64_t offset) {
   TORCH_CHECK(dropout_p >= 0 && dropout_p < 1 && softcap >= 0 && window_left >= -1 &&
                   window_right >= -1,
               "pykernels: attention needs 0 <= dropout_p < 1, softcap >= 0, windows >= -1");
@@ -71,7 +71,7 @@ void copy_strides(const at::Tensor& t, int64_t* strides) {
 // The launchers' arguments; q, k, v, mask are passed with their own strides (no copies).
 cuda::AttentionArgs cuda_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const std::optional<at::Tensor>& mask,
-                              const cpu::AttentionParams& p) {
+                              const AttentionParams& p) {
   cuda::AttentionArgs a{};
   a.dtype = cuda_dtype(q);  // rejects anything but float32, float16, bfloat16
   a.Z = q.size(0);
@@ -92,22 +92,14 @@ cuda::AttentionArgs cuda_args(const at::Tensor& q, const at::Tensor& k, const at
   copy_strides(v, a.v_strides);
   a.mask = mask.has_value() ? mask->data_ptr() : nullptr;
   if (mask.has_value()) copy_strides(*mask, a.mask_strides);
-  a.scale = static_cast<float>(p.scale);
-  a.causal = p.causal;
-  a.window_left = p.window_left;
-  a.window_right = p.window_right;
-  a.softcap = static_cast<float>(p.softcap);
-  a.dropout_p = p.dropout_p;
-  a.seed = p.seed;
-  a.offset = p.offset;
-  a.deterministic = true;  // the CUDA backward has no atomics: always reproducible
+  a.params = p;
   return a;
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::Tensor& k,
                                                 const at::Tensor& v,
                                                 const std::optional<at::Tensor>& mask,
-                                                const cpu::AttentionParams& p) {
+                                                const AttentionParams& p) {
   const c10::cuda::CUDAGuard guard(q.device());
   const cuda::AttentionArgs args = cuda_args(q, k, v, mask, p);
   at::Tensor out = at::empty({args.Z, args.Hq, args.L, args.Ev}, q.options());
@@ -123,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse_arg, const std::optional<at::Tensor>& mask,
-    const cpu::AttentionParams& p) {
+    const AttentionParams& p) {
   TORCH_CHECK(lse_arg.scalar_type() == at::kFloat,
               "pykernels: attention_backward (cuda): lse must be float32, got ",
               lse_arg.scalar_type());
@@ -157,17 +149,10 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
     const std::optional<at::Tensor>& mask, double scale, bool causal, int64_t window_left,
     int64_t window_right, double softcap, double dropout_p, int64_t seed, int64_t offset) {
   check_inputs(q, k, v, mask);
-  const cpu::AttentionParams p =
+  const AttentionParams p =
       params(scale, causal, window_left, window_right, softcap, dropout_p, seed, offset);
-  if (q.is_cuda()) {
-#ifdef PYKERNELS_WITH_CUDA
-    return forward_cuda(q, k, v, mask, p);
-#else
-    TORCH_CHECK(false, "pykernels._C was built without CUDA; use backend='triton' or 'torch'");
-#endif
-  }
-  TORCH_CHECK(q.is_cpu(), "pykernels: unsupported device ", q.device());
-  return cpu::attention_forward(q, k, v, mask, p);
+  return on_device(q, [&] { return cpu::attention_forward(q, k, v, mask, p); },
+                   PYKERNELS_CUDA_CALL(forward_cuda(q, k, v, mask, p)));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
@@ -177,17 +162,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     double dropout_p, int64_t seed, int64_t offset) {
   check_inputs(q, k, v, mask);
   check_backward_inputs(dout, q, v, out, lse);
-  const cpu::AttentionParams p =
+  const AttentionParams p =
       params(scale, causal, window_left, window_right, softcap, dropout_p, seed, offset);
-  if (q.is_cuda()) {
-#ifdef PYKERNELS_WITH_CUDA
-    return backward_cuda(dout, q, k, v, out, lse, mask, p);
-#else
-    TORCH_CHECK(false, "pykernels._C was built without CUDA; use backend='triton' or 'torch'");
-#endif
-  }
-  TORCH_CHECK(q.is_cpu(), "pykernels: unsupported device ", q.device());
-  return cpu::attention_backward(dout, q, k, v, out, lse, mask, p);
+  return on_device(q, [&] { return cpu::attention_backward(dout, q, k, v, out, lse, mask, p); },
+                   PYKERNELS_CUDA_CALL(backward_cuda(dout, q, k, v, out, lse, mask, p)));
 }
 
 }  // namespace

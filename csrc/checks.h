@@ -5,7 +5,7 @@
 
 #include <torch/extension.h>
 
-#include "activation.h"
+#include "common/activation.h"
 
 namespace pykernels {
 
@@ -25,6 +25,20 @@ inline void check_same(const at::Tensor& t, const at::Tensor& ref, const char* n
               t.scalar_type(), ", expected ", ref.scalar_type());
   TORCH_CHECK(t.device() == ref.device(), "pykernels: ", name, " is on ", t.device(),
               ", expected ", ref.device());
+}
+
+// The operands of a linear layer, input (M, K) (2-D: the Python layer flattens the leading
+// dimensions), weight (N, K) and bias (N), all of input's dtype and device.
+inline void check_linear_args(const at::Tensor& input, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(input.dim() == 2, "pykernels: input must be 2-D here, got ", input.dim(), "-D");
+  check_matrix(weight, "weight", weight.size(0), input.size(1));
+  check_same(weight, input, "weight");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0),
+                "pykernels: bias must have shape (", weight.size(0), "), got ", bias->sizes());
+    check_same(*bias, input, "bias");
+  }
 }
 
 }  // namespace pykernels

@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include "checks.h"
+#include "dispatch.h"
 #include "cpu/cross_entropy.h"
 
 #ifdef PYKERNELS_WITH_CUDA
@@ -97,6 +98,16 @@ at::Tensor rows_cuda(const at::Tensor& logits, const at::Tensor& target,
              "cross_entropy_forward");
   return loss;
 }
+
+void scale_grad_cuda(at::Tensor& grad, const at::Tensor& scale) {
+  const c10::cuda::CUDAGuard guard(grad.device());
+  check_cuda(cuda::cross_entropy_scale_grad(cuda_dtype(grad), grad.data_ptr(), grad.size(0),
+                                            grad.size(1), grad.size(2),
+                                            scale.const_data_ptr<float>(),
+                                            scale.numel() == 1 ? 0 : 1,
+                                            c10::cuda::getCurrentCUDAStream().stream()),
+             "cross_entropy_scale_grad");
+}
 #endif  // PYKERNELS_WITH_CUDA
 
 at::Tensor cross_entropy_rows(const at::Tensor& logits, const at::Tensor& target,
@@ -107,44 +118,33 @@ at::Tensor cross_entropy_rows(const at::Tensor& logits, const at::Tensor& target
   check_rows_args(logits, target, class_weight, grad, scale);
   TORCH_CHECK(label_smoothing >= 0 && label_smoothing <= 1 && z_loss >= 0 && softcap >= 0,
               "pykernels: need 0 <= label_smoothing <= 1, z_loss >= 0, softcap >= 0");
-  if (logits.is_cuda()) {
-#ifdef PYKERNELS_WITH_CUDA
-    return rows_cuda(logits, target, class_weight, ignore_index, label_smoothing, z_loss,
-                     softcap, grad, scale);
-#else
-    TORCH_CHECK(false, "pykernels._C was built without CUDA; use backend='triton' or 'torch'");
-#endif
-  }
-  TORCH_CHECK(logits.is_cpu(), "pykernels: unsupported device ", logits.device());
-  return cpu::cross_entropy_rows(logits, target, class_weight, ignore_index, label_smoothing,
-                                 z_loss, softcap, grad, scale);
+  return on_device(
+      logits,
+      [&] {
+        return cpu::cross_entropy_rows(logits, target, class_weight, ignore_index,
+                                       label_smoothing, z_loss, softcap, grad, scale);
+      },
+      PYKERNELS_CUDA_CALL(rows_cuda(logits, target, class_weight, ignore_index,
+                                    label_smoothing, z_loss, softcap, grad, scale)));
 }
 
 // grad (A, C, B), contiguous, *= scale per row ((A*B) values) or by one scalar ((1)).
 void cross_entropy_scale_grad_(at::Tensor& grad, const at::Tensor& scale) {
   TORCH_CHECK(grad.dim() == 3 && grad.is_contiguous() && grad.is_floating_point(),
               "pykernels: grad must be a contiguous 3-D (A, C, B) floating-point tensor");
-  const int64_t A = grad.size(0), C = grad.size(1), B = grad.size(2);
+  const int64_t A = grad.size(0), B = grad.size(2);
   check_acc_vector(scale, grad, "scale", 1, A * B);
-  if (grad.is_cuda()) {
-#ifdef PYKERNELS_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(grad.device());
-    check_cuda(cuda::cross_entropy_scale_grad(cuda_dtype(grad), grad.data_ptr(), A, C, B,
-                                              scale.const_data_ptr<float>(),
-                                              scale.numel() == 1 ? 0 : 1,
-                                              c10::cuda::getCurrentCUDAStream().stream()),
-               "cross_entropy_scale_grad");
-    return;
-#else
-    TORCH_CHECK(false, "pykernels._C was built without CUDA; use backend='triton' or 'torch'");
-#endif
-  }
-  // On the CPU the scale is host memory: skip the pass when it is one scalar 1.
-  if (scale.numel() == 1) {
-    if (scale.item<double>() != 1.0) grad.mul_(scale);
-    return;
-  }
-  grad.mul_(scale.view({A, 1, B}));
+  on_device(
+      grad,
+      [&] {
+        // On the CPU the scale is host memory: skip the pass when it is one scalar 1.
+        if (scale.numel() == 1) {
+          if (scale.item<double>() != 1.0) grad.mul_(scale);
+          return;
+        }
+        grad.mul_(scale.view({A, 1, B}));
+      },
+      PYKERNELS_CUDA_CALL(scale_grad_cuda(grad, scale)));
 }
 
 }  // namespace

@@ -1,10 +1,12 @@
 // Helpers of the CUDA side of the bindings (only compiled with PYKERNELS_WITH_CUDA): the
-// kernels' dtype tag of a tensor, and turning a launcher's cudaError_t into an exception.
+// kernels' dtype tag of a tensor, the unit column stride they read matrices with, and
+// turning a launcher's cudaError_t into an exception.
 #pragma once
 
+#include <cuda_runtime.h>
 #include <torch/extension.h>
 
-#include "linear_act.h"  // cuda::DType
+#include "common/dtype.h"
 
 namespace pykernels {
 
@@ -17,6 +19,11 @@ inline cuda::DType cuda_dtype(const at::Tensor& t) {
       TORCH_CHECK(false, "pykernels: the cuda backend supports float32, float16 and bfloat16, got ",
                   t.scalar_type());
   }
+}
+
+// Row-major with unit column stride, as the kernels expect; copies only when it is not.
+inline at::Tensor unit_column_stride(const at::Tensor& t) {
+  return (t.stride(1) == 1 && t.stride(0) >= t.size(1)) ? t : t.contiguous();
 }
 
 inline void check_cuda(cudaError_t err, const char* what) {

@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "checks.h"
+#include "dispatch.h"
 #include "cpu/linear_act.h"
 
 #ifdef PYKERNELS_WITH_CUDA
@@ -12,53 +13,13 @@
 
 #include "cuda_checks.h"
 #include "linear_act.h"
+#include "linear_cuda.h"
 #endif
 
 namespace pykernels {
 namespace {
 
-void check_forward_args(const at::Tensor& input, const at::Tensor& weight,
-                        const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(input.dim() == 2, "pykernels: input must be 2-D here, got ", input.dim(), "-D");
-  check_matrix(weight, "weight", weight.size(0), input.size(1));
-  check_same(weight, input, "weight");
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0),
-                "pykernels: bias must have shape (", weight.size(0), "), got ", bias->sizes());
-    check_same(*bias, input, "bias");
-  }
-}
-
 #ifdef PYKERNELS_WITH_CUDA
-// Row-major with unit column stride, as the kernels expect; copies only when it is not.
-at::Tensor unit_column_stride(const at::Tensor& t) {
-  return (t.stride(1) == 1 && t.stride(0) >= t.size(1)) ? t : t.contiguous();
-}
-
-std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& input_arg,
-                                                const at::Tensor& weight_arg,
-                                                const std::optional<at::Tensor>& bias,
-                                                Activation act, double negative_slope,
-                                                bool save_preact) {
-  const c10::cuda::CUDAGuard guard(input_arg.device());
-  const at::Tensor input = unit_column_stride(input_arg);
-  const at::Tensor weight = weight_arg.contiguous();
-  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const int64_t M = input.size(0), K = input.size(1), N = weight.size(0);
-  at::Tensor out = at::empty({M, N}, input.options());
-  at::Tensor preact = at::empty(save_preact ? at::IntArrayRef{M, N} : at::IntArrayRef{0},
-                                input.options());
-  check_cuda(cuda::linear_act_forward(cuda_dtype(input), input.data_ptr(), input.stride(0),
-                                      weight.data_ptr(),
-                                      bias_c.defined() ? bias_c.data_ptr() : nullptr,
-                                      out.data_ptr(), save_preact ? preact.data_ptr() : nullptr,
-                                      M, N, K, act, static_cast<float>(negative_slope),
-                                      cuda::GemmCore::Auto,
-                                      c10::cuda::getCurrentCUDAStream().stream()),
-             "linear_act_forward");
-  return {out, preact};
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& grad_out_arg, const at::Tensor& input_arg, const at::Tensor& weight_arg,
     const at::Tensor& saved_arg, Activation act, double negative_slope, bool saved_is_output,
@@ -94,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const int64_t K = weight.size(1);
     grad_input = at::empty({M, K}, options);
     check_cuda(cuda::gemm(dtype, dz.data_ptr(), N, 1, weight.data_ptr(), K, 1,
-                          grad_input.data_ptr(), M, K, N, cuda::GemmCore::Auto, stream),
+                          grad_input.data_ptr(), M, K, N, stream),
                "linear_act grad_input gemm");
   }
   if (need_weight_grad) {  // dz^T (N, M) @ input (M, K)
@@ -102,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const int64_t K = input.size(1);
     grad_weight = at::empty({N, K}, options);
     check_cuda(cuda::gemm(dtype, dz.data_ptr(), 1, N, input.data_ptr(), input.stride(0), 1,
-                          grad_weight.data_ptr(), N, K, M, cuda::GemmCore::Auto, stream),
+                          grad_weight.data_ptr(), N, K, M, stream),
                "linear_act grad_weight gemm");
   }
   return {grad_input, grad_weight, grad_bias};
@@ -114,24 +75,20 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward(const at::Tensor& input,
                                                       const std::optional<at::Tensor>& bias,
                                                       int64_t activation, double negative_slope,
                                                       bool save_preact) {
-  check_forward_args(input, weight, bias);
+  check_linear_args(input, weight, bias);
   const Activation act = checked_activation(activation);
-  if (input.is_cuda()) {
-#ifdef PYKERNELS_WITH_CUDA
-    return forward_cuda(input, weight, bias, act, negative_slope, save_preact);
-#else
-    TORCH_CHECK(false, "pykernels._C was built without CUDA; use backend='triton' or 'torch'");
-#endif
-  }
-  TORCH_CHECK(input.is_cpu(), "pykernels: unsupported device ", input.device());
-  return cpu::linear_act_forward(input, weight, bias, act, negative_slope, save_preact);
+  return on_device(
+      input,
+      [&] { return cpu::linear_act_forward(input, weight, bias, act, negative_slope, save_preact); },
+      PYKERNELS_CUDA_CALL(linear_forward_cuda(false, input, weight, bias, act,
+                                              negative_slope, save_preact)));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& saved, int64_t activation, double negative_slope, bool saved_is_output,
     bool has_bias, bool need_input_grad, bool need_weight_grad) {
-  check_forward_args(input, weight, std::nullopt);
+  check_linear_args(input, weight, std::nullopt);
   const int64_t M = input.size(0), N = weight.size(0);
   check_matrix(grad_out, "grad_out", M, N);
   check_same(grad_out, input, "grad_out");
@@ -140,17 +97,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
     check_matrix(saved, "saved", M, N);
     check_same(saved, input, "saved");
   }
-  if (input.is_cuda()) {
-#ifdef PYKERNELS_WITH_CUDA
-    return backward_cuda(grad_out, input, weight, saved, act, negative_slope, saved_is_output,
-                         has_bias, need_input_grad, need_weight_grad);
-#else
-    TORCH_CHECK(false, "pykernels._C was built without CUDA; use backend='triton' or 'torch'");
-#endif
-  }
-  TORCH_CHECK(input.is_cpu(), "pykernels: unsupported device ", input.device());
-  return cpu::linear_act_backward(grad_out, input, weight, saved, act, negative_slope,
-                                  saved_is_output, has_bias, need_input_grad, need_weight_grad);
+  return on_device(
+      input,
+      [&] {
+        return cpu::linear_act_backward(grad_out, input, weight, saved, act, negative_slope,
+                                        saved_is_output, has_bias, need_input_grad,
+                                        need_weight_grad);
+      },
+      PYKERNELS_CUDA_CALL(backward_cuda(grad_out, input, weight, saved, act, negative_slope,
+                                        saved_is_output, has_bias, need_input_grad,
+                                        need_weight_grad)));
 }
 
 }  // namespace

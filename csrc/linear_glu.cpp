@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include "checks.h"
+#include "dispatch.h"
 #include "cpu/linear_glu.h"
 
 #ifdef PYKERNELS_WITH_CUDA
@@ -13,39 +14,13 @@
 
 #include "cuda_checks.h"
 #include "linear_act.h"
+#include "linear_cuda.h"
 #endif
 
 namespace pykernels {
 namespace {
 
 #ifdef PYKERNELS_WITH_CUDA
-std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& input_arg,
-                                                const at::Tensor& weight_arg,
-                                                const std::optional<at::Tensor>& bias,
-                                                Activation act, double negative_slope,
-                                                bool save_preact) {
-  const c10::cuda::CUDAGuard guard(input_arg.device());
-  // Unit column stride, as the kernel expects; copies only when it is not.
-  const at::Tensor input = (input_arg.stride(1) == 1 && input_arg.stride(0) >= input_arg.size(1))
-                               ? input_arg
-                               : input_arg.contiguous();
-  const at::Tensor weight = weight_arg.contiguous();
-  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const int64_t M = input.size(0), K = input.size(1), n = weight.size(0) / 2;
-  at::Tensor h = at::empty({M, n}, input.options());
-  at::Tensor gu = at::empty(save_preact ? at::IntArrayRef{M, 2 * n} : at::IntArrayRef{0},
-                            input.options());
-  check_cuda(cuda::linear_glu_forward(cuda_dtype(input), input.data_ptr(), input.stride(0),
-                                      weight.data_ptr(),
-                                      bias_c.defined() ? bias_c.data_ptr() : nullptr,
-                                      h.data_ptr(), save_preact ? gu.data_ptr() : nullptr, M, n,
-                                      K, act, static_cast<float>(negative_slope),
-                                      cuda::GemmCore::Auto,
-                                      c10::cuda::getCurrentCUDAStream().stream()),
-             "linear_glu_forward");
-  return {h, gu};
-}
-
 std::tuple<at::Tensor, at::Tensor> grad_preact_cuda(const at::Tensor& grad_out,
                                                     const at::Tensor& gu_arg, Activation act,
                                                     double negative_slope, bool has_bias) {
@@ -78,23 +53,13 @@ std::tuple<at::Tensor, at::Tensor> linear_glu_forward(const at::Tensor& input,
   TORCH_CHECK(weight.dim() == 2 && weight.size(0) % 2 == 0,
               "pykernels: weight must be 2-D with an even first dimension (gate and up), got ",
               weight.sizes());
-  check_matrix(weight, "weight", weight.size(0), input.size(1));
-  check_same(weight, input, "weight");
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0),
-                "pykernels: bias must have shape (", weight.size(0), "), got ", bias->sizes());
-    check_same(*bias, input, "bias");
-  }
+  check_linear_args(input, weight, bias);
   const Activation act = checked_activation(activation);
-  if (input.is_cuda()) {
-#ifdef PYKERNELS_WITH_CUDA
-    return forward_cuda(input, weight, bias, act, negative_slope, save_preact);
-#else
-    TORCH_CHECK(false, "pykernels._C was built without CUDA; use backend='triton' or 'torch'");
-#endif
-  }
-  TORCH_CHECK(input.is_cpu(), "pykernels: unsupported device ", input.device());
-  return cpu::linear_glu_forward(input, weight, bias, act, negative_slope, save_preact);
+  return on_device(
+      input,
+      [&] { return cpu::linear_glu_forward(input, weight, bias, act, negative_slope, save_preact); },
+      PYKERNELS_CUDA_CALL(linear_forward_cuda(true, input, weight, bias, act,
+                                              negative_slope, save_preact)));
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_glu_grad_preact(const at::Tensor& grad_out,
@@ -106,15 +71,10 @@ std::tuple<at::Tensor, at::Tensor> linear_glu_grad_preact(const at::Tensor& grad
   check_matrix(gu, "gu", grad_out.size(0), 2 * grad_out.size(1));
   check_same(gu, grad_out, "gu");
   const Activation act = checked_activation(activation);
-  if (grad_out.is_cuda()) {
-#ifdef PYKERNELS_WITH_CUDA
-    return grad_preact_cuda(grad_out, gu, act, negative_slope, has_bias);
-#else
-    TORCH_CHECK(false, "pykernels._C was built without CUDA; use backend='triton' or 'torch'");
-#endif
-  }
-  TORCH_CHECK(grad_out.is_cpu(), "pykernels: unsupported device ", grad_out.device());
-  return cpu::linear_glu_grad_preact(grad_out, gu, act, negative_slope, has_bias);
+  return on_device(
+      grad_out,
+      [&] { return cpu::linear_glu_grad_preact(grad_out, gu, act, negative_slope, has_bias); },
+      PYKERNELS_CUDA_CALL(grad_preact_cuda(grad_out, gu, act, negative_slope, has_bias)));
 }
 
 }  // namespace

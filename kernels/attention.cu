@@ -17,8 +17,7 @@
 //                    band, recomputing P = exp(s - lse): the group sum needs no atomics.
 //   dq_kernel:       one CTA per query tile, looping over the band's key tiles: dq_i summed
 //                    in a fixed order by one CTA.
-// No kernel uses atomics, so the backward is deterministic by construction and the
-// `deterministic` flag of AttentionArgs needs no separate path.
+// No kernel uses atomics, so the backward is deterministic by construction.
 //
 // Work split inside a CTA: every warp owns kWarpRows = 16 rows of the CTA's own tile (query
 // rows, or keys for dkdv) and computes their products with the streamed tile on its own, so
@@ -49,9 +48,9 @@
 #include <type_traits>
 #include <utility>
 
-#include "cp_async.cuh"
-#include "dtype.cuh"
-#include "philox.h"
+#include "common/cp_async.cuh"
+#include "common/dtype.cuh"
+#include "common/philox.h"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #error "kernels/attention.cu needs sm_80 or newer (bf16 tensor cores, cp.async)"
@@ -711,6 +710,7 @@ int64_t clamp_window(int64_t side, int64_t reach) { return side < 0 ? -1 : (side
 
 template <typename T>
 Problem<T> make_problem(const AttentionArgs& a) {
+  const AttentionParams& o = a.params;
   Problem<T> p{};
   p.Hq = a.Hq;
   p.Hkv = a.Hkv;
@@ -723,17 +723,17 @@ Problem<T> make_problem(const AttentionArgs& a) {
   p.k = strided<const T>(a.k, a.k_strides);
   p.v = strided<const T>(a.v, a.v_strides);
   p.mask = strided<const T>(a.mask, a.mask_strides);
-  p.scale = a.scale;
-  p.softcap = a.softcap;
-  p.causal = a.causal;
+  p.scale = static_cast<float>(o.scale);
+  p.softcap = static_cast<float>(o.softcap);
+  p.causal = o.causal;
   // A side of L + S or more bounds nothing; clamping keeps i + right, j + left far from
   // int64 overflow whatever the caller passes.
-  p.left = clamp_window(a.window_left, a.L + a.S);
-  p.right = clamp_window(a.window_right, a.L + a.S);
-  p.threshold = a.dropout_p > 0 ? dropout_threshold(a.dropout_p) : 0;
-  p.rescale = a.dropout_p > 0 ? static_cast<float>(1.0 / (1.0 - a.dropout_p)) : 1.0f;
-  p.seed = a.seed;
-  p.offset = a.offset;
+  p.left = clamp_window(o.window_left, a.L + a.S);
+  p.right = clamp_window(o.window_right, a.L + a.S);
+  p.threshold = o.dropout_p > 0 ? dropout_threshold(o.dropout_p) : 0;
+  p.rescale = o.dropout_p > 0 ? static_cast<float>(1.0 / (1.0 - o.dropout_p)) : 1.0f;
+  p.seed = o.seed;
+  p.offset = o.offset;
   return p;
 }
 
@@ -741,8 +741,9 @@ bool valid_args(const AttentionArgs& a) {
   if (!valid_dtype(a.dtype) || a.Z < 0 || a.Hq < 0 || a.Hkv < 1 || a.Hq % a.Hkv != 0 || a.L < 0 ||
       a.S < 0 || a.E < 1 || a.E > kMaxHeadDim || a.Ev < 1 || a.Ev > kMaxHeadDim)
     return false;
-  if (a.window_left < -1 || a.window_right < -1 || !(a.dropout_p >= 0 && a.dropout_p < 1) ||
-      !(a.softcap >= 0))
+  const AttentionParams& o = a.params;
+  if (o.window_left < -1 || o.window_right < -1 || !(o.dropout_p >= 0 && o.dropout_p < 1) ||
+      !(o.softcap >= 0))
     return false;
   // int64 offsets: L + S and the element index of the dropout counter must not overflow.
   if (a.L > INT64_MAX / 4 || a.S > INT64_MAX / 4) return false;

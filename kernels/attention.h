@@ -30,12 +30,12 @@
 //   dq_i   = scale * sum_j dS_ij * k_j
 //   dk_j   = scale * sum_i dS_ij * q_i    (summed over the query heads of the group)
 //   dv_j   = sum_i P_ij * D_ij / (1 - p) * dO_i   (summed over the query heads of the group)
-// dK/dV accumulate per key tile in fp32; dQ by a separate pass or fp32 atomics (the
-// deterministic flag forbids atomics: results bitwise identical run to run).
+// dK/dV accumulate per key tile in fp32 and dQ in a separate pass, without atomics: results
+// are bitwise identical run to run.
 //
 // Dropout keep mask: D_ij = 1 iff uniform(seed, offset, z, h, i, j) >= p, with the uniform
 // from a counter-based generator (Philox-4x32-10 keyed by seed, counter from offset and the
-// element index ((z * Hq + h) * L + i) * S + j; exact definition in philox.h, shared with
+// element index ((z * Hq + h) * L + i) * S + j; exact definition in common/philox.h, shared with
 // the CPU backend), so forward and backward regenerate the same mask without storing it.
 #pragma once
 
@@ -43,7 +43,8 @@
 
 #include <cuda_runtime.h>
 
-#include "linear_act.h"  // DType
+#include "attention_params.h"
+#include "common/dtype.h"
 
 namespace pykernels {
 namespace cuda {
@@ -61,15 +62,7 @@ struct AttentionArgs {
   // broadcast through zero strides over (Z, Hq, L, S); nullptr for none.
   const void* mask;
   int64_t mask_strides[4];
-  float scale;
-  bool causal;
-  int64_t window_left, window_right;  // -1: unbounded
-  float softcap;                      // 0: none
-  // In [0, 1). Double, as the CPU backend compares with it: the keep test against
-  // dropout_threshold(p) (philox.h) must see the same p to drop the same elements.
-  double dropout_p;
-  uint64_t seed, offset;
-  bool deterministic;  // honoured always: the CUDA backward uses no atomics
+  AttentionParams params;  // scale and softcap are used in fp32
 };
 
 // out (Z, Hq, L, Ev) with strides out_strides, lse (Z, Hq, L) fp32 contiguous.

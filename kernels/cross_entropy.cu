@@ -42,7 +42,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "dtype.cuh"
+#include "common/dtype.cuh"
 
 namespace pykernels {
 namespace cuda {

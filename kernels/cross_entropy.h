@@ -33,7 +33,7 @@
 
 #include <cuda_runtime.h>
 
-#include "linear_act.h"  // DType
+#include "common/dtype.h"
 
 namespace pykernels {
 namespace cuda {

@@ -7,7 +7,7 @@
 // for K-contiguous and M/N-contiguous ("transposed") operands alike. The staged tiles are
 // consumed by one of two cores:
 //   * tensor cores (fp16/bf16): nvcuda::wmma 16x16x16 fragments, fp32 accumulators;
-//   * SIMT (every dtype): exact fp32 FFMA (no TF32), an 8x8 micro-tile per thread.
+//   * SIMT (fp32): exact fp32 FFMA (no TF32), an 8x8 micro-tile per thread.
 // The backward elementwise pass (grad_preact_kernel) computes dZ = dY * act'(saved) and,
 // optionally, deterministic bias-gradient column sums through a workspace.
 //
@@ -22,8 +22,8 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "cp_async.cuh"
-#include "dtype.cuh"
+#include "common/cp_async.cuh"
+#include "common/dtype.cuh"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #error "kernels/linear_act.cu needs sm_80 or newer (bf16 tensor cores, cp.async)"
@@ -464,18 +464,11 @@ cudaError_t launch_gemm(GemmParams<T> p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// Core selection: Auto = tensor cores for fp16/bf16, SIMT for fp32; TensorCore for fp32 is
-// rejected (no TF32); Simt = the FFMA kernel for every dtype.
+// Core selection: tensor cores for fp16/bf16, SIMT for fp32 (no TF32).
 template <bool kGlu = false, typename T>
-cudaError_t run_gemm(const GemmParams<T>& p, GemmCore core, cudaStream_t stream) {
-  if (std::is_same<T, float>::value && core == GemmCore::TensorCore) return cudaErrorInvalidValue;
+cudaError_t run_gemm(const GemmParams<T>& p, cudaStream_t stream) {
   if (p.M == 0 || p.N == 0) return cudaSuccess;
-  if constexpr (std::is_same<T, float>::value) {
-    return launch_gemm<T, false, kGlu>(p, stream);
-  } else {
-    return core == GemmCore::Simt ? launch_gemm<T, false, kGlu>(p, stream)
-                                  : launch_gemm<T, true, kGlu>(p, stream);
-  }
+  return launch_gemm<T, !std::is_same<T, float>::value, kGlu>(p, stream);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -590,9 +583,6 @@ __global__ void bias_grad_kernel(const float* __restrict__ partial, T* __restric
 // ---------------------------------------------------------------------------------------
 // Argument checks and dtype dispatch.
 
-bool valid_core(GemmCore c) {
-  return c == GemmCore::Auto || c == GemmCore::TensorCore || c == GemmCore::Simt;
-}
 bool valid_activation(Activation a) {
   return static_cast<int>(a) >= 0 && static_cast<int>(a) < kNumActivations;
 }
@@ -621,9 +611,8 @@ template <bool kGlu>
 cudaError_t forward_gemm(DType dtype, const void* input, int64_t input_row_stride,
                          const void* weight, const void* bias, void* out, void* preact,
                          int64_t M, int64_t N, int64_t K, Activation act, float negative_slope,
-                         GemmCore core, cudaStream_t stream) {
-  if (!valid_dtype(dtype) || !valid_core(core) || !valid_activation(act) || M < 0 || N < 0 ||
-      K < 0)
+                         cudaStream_t stream) {
+  if (!valid_dtype(dtype) || !valid_activation(act) || M < 0 || N < 0 || K < 0)
     return cudaErrorInvalidValue;
   if ((M > 0 && K > 0 && input == nullptr) || (N > 0 && K > 0 && weight == nullptr) ||
       (M > 0 && N > 0 && out == nullptr))
@@ -641,7 +630,7 @@ cudaError_t forward_gemm(DType dtype, const void* input, int64_t input_row_strid
     p.bias = static_cast<const T*>(bias);
     p.act = act;
     p.slope = negative_slope;
-    return run_gemm<kGlu>(p, core, stream);
+    return run_gemm<kGlu>(p, stream);
   });
 }
 
@@ -676,23 +665,23 @@ cudaError_t run_grad_pass(int64_t M, int64_t cols, int64_t width, void* grad_bia
 cudaError_t linear_act_forward(DType dtype, const void* input, int64_t input_row_stride,
                                const void* weight, const void* bias, void* out, void* preact,
                                int64_t M, int64_t N, int64_t K, Activation act,
-                               float negative_slope, GemmCore core, cudaStream_t stream) {
+                               float negative_slope, cudaStream_t stream) {
   return forward_gemm<false>(dtype, input, input_row_stride, weight, bias, out, preact, M, N,
-                             K, act, negative_slope, core, stream);
+                             K, act, negative_slope, stream);
 }
 
 cudaError_t linear_glu_forward(DType dtype, const void* input, int64_t input_row_stride,
                                const void* weight, const void* bias, void* out, void* preact,
                                int64_t M, int64_t N, int64_t K, Activation act,
-                               float negative_slope, GemmCore core, cudaStream_t stream) {
+                               float negative_slope, cudaStream_t stream) {
   return forward_gemm<true>(dtype, input, input_row_stride, weight, bias, out, preact, M, N, K,
-                            act, negative_slope, core, stream);
+                            act, negative_slope, stream);
 }
 
 cudaError_t gemm(DType dtype, const void* a, int64_t a_row_stride, int64_t a_col_stride,
                  const void* b, int64_t b_row_stride, int64_t b_col_stride, void* c, int64_t M,
-                 int64_t N, int64_t K, GemmCore core, cudaStream_t stream) {
-  if (!valid_dtype(dtype) || !valid_core(core) || M < 0 || N < 0 || K < 0)
+                 int64_t N, int64_t K, cudaStream_t stream) {
+  if (!valid_dtype(dtype) || M < 0 || N < 0 || K < 0)
     return cudaErrorInvalidValue;
   if ((M > 0 && K > 0 && a == nullptr) || (K > 0 && N > 0 && b == nullptr) ||
       (M > 0 && N > 0 && c == nullptr))
@@ -707,7 +696,7 @@ cudaError_t gemm(DType dtype, const void* a, int64_t a_row_stride, int64_t a_col
     p.K = K;
     p.out = static_cast<T*>(c);
     p.act = Activation::None;
-    return run_gemm(p, core, stream);
+    return run_gemm(p, stream);
   });
 }
 

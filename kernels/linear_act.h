@@ -3,7 +3,7 @@
 // its own launches and returns the first cudaError_t. All matrices are row-major and
 // contiguous unless a stride says otherwise; sizes are int64 and offsets are computed
 // in int64, so tensors past 2^31 elements are addressed correctly. Work is launched on
-// `stream` only. Invalid arguments (unknown dtype/core/activation, negative sizes, a null
+// `stream` only. Invalid arguments (unknown dtype/activation, negative sizes, a null
 // pointer for a tensor that has elements) return cudaErrorInvalidValue; pointers of empty
 // tensors may be null. M == 0 or N == 0 launches nothing (except the grad_bias zero-fill).
 #pragma once
@@ -13,18 +13,15 @@
 
 #include <cuda_runtime.h>
 
-#include "activation.h"
+#include "common/activation.h"
+#include "common/dtype.h"
 
 namespace pykernels {
 namespace cuda {
 
-enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
-
-// Which GEMM core runs. Auto: tensor cores (nvcuda::wmma, i.e. mma.sync, fp32 accumulation)
-// for float16/bfloat16; float32 always takes the exact FMA path (no TF32), like torch's
-// default. TensorCore with Float32 returns cudaErrorInvalidValue. Simt runs the FMA kernel
-// for every dtype (fp32 accumulation), so both hand-written paths can be compared.
-enum class GemmCore : int { Auto = 0, TensorCore = 1, Simt = 2 };
+// The GEMM core follows the dtype: tensor cores (nvcuda::wmma, i.e. mma.sync, fp32
+// accumulation) for float16/bfloat16; float32 takes the exact FMA path (no TF32), like
+// torch's default.
 
 // out = act(input @ weight^T + bias), with bias and activation applied to the fp32
 // accumulator in the GEMM epilogue and out written once. When preact is non-null the
@@ -36,7 +33,7 @@ enum class GemmCore : int { Auto = 0, TensorCore = 1, Simt = 2 };
 cudaError_t linear_act_forward(DType dtype, const void* input, int64_t input_row_stride,
                                const void* weight, const void* bias, void* out, void* preact,
                                int64_t M, int64_t N, int64_t K, Activation act,
-                               float negative_slope, GemmCore core, cudaStream_t stream);
+                               float negative_slope, cudaStream_t stream);
 
 // Bytes of scratch linear_act_grad_preact needs for the bias-gradient partial sums (fp32,
 // one row of N per chunk of rows; 0 when M == 0 or N == 0). Only used when grad_bias is
@@ -62,7 +59,7 @@ cudaError_t linear_act_grad_preact(DType dtype, const void* grad_out, const void
 //   grad_weight = grad_preact^T (N, M) @ input (M, K).
 cudaError_t gemm(DType dtype, const void* a, int64_t a_row_stride, int64_t a_col_stride,
                  const void* b, int64_t b_row_stride, int64_t b_col_stride, void* c, int64_t M,
-                 int64_t N, int64_t K, GemmCore core, cudaStream_t stream);
+                 int64_t N, int64_t K, cudaStream_t stream);
 
 // The gated linear unit, on the forward GEMM above: weight (2N, K, contiguous) = [Wg; Wu],
 // bias (2N) = [bg; bu] or nullptr, and
@@ -73,7 +70,7 @@ cudaError_t gemm(DType dtype, const void* a, int64_t a_row_stride, int64_t a_col
 cudaError_t linear_glu_forward(DType dtype, const void* input, int64_t input_row_stride,
                                const void* weight, const void* bias, void* out, void* preact,
                                int64_t M, int64_t N, int64_t K, Activation act,
-                               float negative_slope, GemmCore core, cudaStream_t stream);
+                               float negative_slope, cudaStream_t stream);
 
 // The GLU backward pass over (M, N): from grad_out dh (M, N) and the saved gu = [g | u]
 // (M, 2N), dgu (M, 2N) = [dh * u * act'(g) | dh * act(g)], and when grad_bias (2N) is

@@ -1,7 +1,7 @@
 """Activation names and ids shared by every backend.
 
-The ids match ``enum class Activation`` in ``kernels/activation.h`` (used by the CUDA and
-C++ CPU kernels) and the constants the Triton kernels branch on.
+The ids match ``enum class Activation`` in ``kernels/common/activation.h`` (used by the
+CUDA and C++ CPU kernels) and the constants the Triton kernels branch on.
 """
 
 import torch

@@ -18,7 +18,7 @@ def main():
     dev = "cuda"
     torch.manual_seed(0)
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        def randn(*shape):
+        def randn(*shape, dtype=dtype):
             return torch.randn(*shape, device=dev, dtype=dtype).requires_grad_()
 
         x, w, b = randn(37, 70), randn(45, 70), randn(45)

@@ -42,6 +42,13 @@ if [ -f "$so" ] && (cd /tmp && "$PY" -c "import pykernels._C") 2>/dev/null; then
   [ -z "$newer" ] && stale=0
 fi
 if [ "$stale" = 1 ]; then
-  echo "setup: building pykernels._C (pip install --no-build-isolation -e .)"
-  MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" -m pip install --quiet --no-build-isolation --no-deps -e .
+  mkdir -p build
+  log=build/setup-build.log
+  echo "setup: building pykernels._C (pip install --no-build-isolation -e .), a line per" \
+       "compiled file; the whole output goes to $log"
+  # pip -v passes on ninja's lines, "[n/N] <compiler command>"; each is shown as
+  # "[n/N] <source file>". A failed build shows the end of the log.
+  MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" -m pip install -v --no-build-isolation --no-deps -e . \
+    2>&1 | tee "$log" | sed -unE "s#^ *(\[[0-9]+/[0-9]+\]) .* -c ($PWD/)?([^ ]+) -o .*#  \1 \3#p" \
+    || { tail -n 40 "$log"; echo "setup: the build failed; the whole output is in $log"; exit 1; }
 fi

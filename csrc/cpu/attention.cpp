@@ -44,7 +44,7 @@
 #include <vector>
 
 #include "cpu/attention_simd.h"
-#include "philox.h"
+#include "common/philox.h"
 
 namespace pykernels {
 namespace cpu {
@@ -57,7 +57,7 @@ namespace {
 constexpr int64_t kBlockQ = 128;  // query rows per tile
 constexpr int64_t kBlockK = 512;  // keys per tile
 
-// ---- dropout: the keep mask of kernels/philox.h, one draw per score element --------------
+// ---- dropout: the keep mask of kernels/common/philox.h, one draw per score element --------------
 
 struct Philox {
   uint64_t seed, offset;

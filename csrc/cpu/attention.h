@@ -7,17 +7,10 @@
 #include <optional>
 #include <tuple>
 
+#include "attention_params.h"
+
 namespace pykernels {
 namespace cpu {
-
-struct AttentionParams {
-  double scale;
-  bool causal;
-  int64_t window_left, window_right;  // -1: unbounded
-  double softcap;                     // 0: none
-  double dropout_p;
-  uint64_t seed, offset;
-};
 
 // q (Z, Hq, L, E), k (Z, Hkv, S, E), v (Z, Hkv, S, Ev); mask: additive, in q's dtype,
 // viewed as (Z, Hq, L, S) (zero strides broadcast). Shapes, dtypes and devices are checked by

@@ -1,8 +1,5 @@
 // The body of the SIMD float32 row loops of the attention CPU path (attention_simd.h),
-// compiled once per ISA unit like linear_act_vec_impl.h (see its notes on the units and on
-// one-definition-rule hygiene). The unit defines
-//   PYKERNELS_VEC_ATTN(name)   the entry point `name` suffixed with the unit's ISA
-// before including this file (no include guard on purpose).
+// compiled once per ISA unit (simd_families.h).
 
 #include "cpu/attention_simd.h"
 #include "cpu/vec_math_impl.h"
@@ -45,7 +42,7 @@ inline Vec attn_keep(const float* keep, int64_t c, int64_t count) {
 
 }  // namespace
 
-float PYKERNELS_VEC_ATTN(attn_scores_max)(float* s, int64_t n, const AttnRow<float>& r) {
+float PYKERNELS_VEC_NAME(attn_scores_max)(float* s, int64_t n, const AttnRow<float>& r) {
   const AttnScores sc(r);
   const Vec neg_inf(-std::numeric_limits<float>::infinity());
   Vec m[2] = {neg_inf, neg_inf};
@@ -59,7 +56,7 @@ float PYKERNELS_VEC_ATTN(attn_scores_max)(float* s, int64_t n, const AttnRow<flo
                     [](float a, float b) { return (b > a || std::isnan(b)) ? b : a; });
 }
 
-float PYKERNELS_VEC_ATTN(attn_exp_sum)(float* s, int64_t n, float m, const float* keep) {
+float PYKERNELS_VEC_NAME(attn_exp_sum)(float* s, int64_t n, float m, const float* keep) {
   const Vec vm(m);
   Vec sum[2] = {Vec(0.0f), Vec(0.0f)};
   for_vector_pairs(n, [&](int64_t c, int64_t count, int chain) {
@@ -71,7 +68,7 @@ float PYKERNELS_VEC_ATTN(attn_exp_sum)(float* s, int64_t n, float m, const float
   return fold_lanes(sum[0] + sum[1], [](float a, float b) { return a + b; });
 }
 
-void PYKERNELS_VEC_ATTN(attn_grad_row)(float* s, float* dp, int64_t n, const AttnRow<float>& r,
+void PYKERNELS_VEC_NAME(attn_grad_row)(float* s, float* dp, int64_t n, const AttnRow<float>& r,
                                        float lse, float delta, const float* keep) {
   const AttnScores sc(r);
   const Vec vlse(lse), vdelta(delta), scale(r.scale);
@@ -88,4 +85,3 @@ void PYKERNELS_VEC_ATTN(attn_grad_row)(float* s, float* dp, int64_t n, const Att
 }  // namespace cpu
 }  // namespace pykernels
 
-#undef PYKERNELS_VEC_ATTN

@@ -1,8 +1,5 @@
 // The body of the SIMD float32 row loops of the cross-entropy CPU path
-// (cross_entropy_simd.h), compiled once per ISA unit like linear_act_vec_impl.h (see its
-// notes on the units and on one-definition-rule hygiene). The unit defines
-//   PYKERNELS_VEC_CE(name)   the entry point `name` suffixed with the unit's ISA
-// before including this file (no include guard on purpose).
+// (cross_entropy_simd.h), compiled once per ISA unit (simd_families.h).
 
 #include "cpu/cross_entropy_simd.h"
 #include "cpu/vec_math_impl.h"
@@ -21,7 +18,7 @@ inline Vec ce_u(const CeRowVec& row, int64_t c, int64_t count) {
 
 }  // namespace
 
-float PYKERNELS_VEC_CE(ce_row_max_x)(const CeRowVec& row) {
+float PYKERNELS_VEC_NAME(ce_row_max_x)(const CeRowVec& row) {
   Vec m(-std::numeric_limits<float>::infinity());
   for_vectors(row.C, [&](int64_t c, int64_t count) {
     Vec x = Vec::loadu(row.x + c, count);
@@ -31,7 +28,7 @@ float PYKERNELS_VEC_CE(ce_row_max_x)(const CeRowVec& row) {
   return fold_lanes(m, [](float a, float b) { return (b > a || std::isnan(b)) ? b : a; });
 }
 
-void PYKERNELS_VEC_CE(ce_row_sums)(const CeRowVec& row, float m, float sums[3]) {
+void PYKERNELS_VEC_NAME(ce_row_sums)(const CeRowVec& row, float m, float sums[3]) {
   const VecSoftcap cap(row.softcap);
   const Vec vm(m);
   Vec sum_exp(0.0f), sum_u(0.0f), sum_us(0.0f);
@@ -54,7 +51,7 @@ void PYKERNELS_VEC_CE(ce_row_sums)(const CeRowVec& row, float m, float sums[3]) 
   sums[2] = fold_lanes(sum_us, add);
 }
 
-void PYKERNELS_VEC_CE(ce_row_grad)(const CeRowVec& row, float* g, float lse, float a, float k) {
+void PYKERNELS_VEC_NAME(ce_row_grad)(const CeRowVec& row, float* g, float lse, float a, float k) {
   const VecSoftcap cap(row.softcap);
   const Vec vlse(lse), va(a), vk(k);
   for_vectors(row.C, [&](int64_t c, int64_t count) {
@@ -68,4 +65,3 @@ void PYKERNELS_VEC_CE(ce_row_grad)(const CeRowVec& row, float* g, float lse, flo
 }  // namespace cpu
 }  // namespace pykernels
 
-#undef PYKERNELS_VEC_CE

@@ -1,8 +1,8 @@
 // The body of the AVX-512 float32 GEMM pieces declared in gemm_simd.h, included once, by
-// simd_avx512.cpp after vec_math_impl.h (raw __m512 intrinsics for the register tile, ATen's
-// Vectorized<float> and the VecMath policy for the epilogue's activation). Everything but
-// the entry points is in an anonymous namespace (see "One-definition-rule hygiene" in
-// linear_act_vec_impl.h).
+// simd_avx512.cpp after the families' bodies (simd_families.h): AVX-512 only, so not in
+// that list (raw __m512 intrinsics for the register tile, ATen's Vectorized<float> and the
+// VecMath policy for the epilogue's activation). Everything but the entry points is in an
+// anonymous namespace (see "One-definition-rule hygiene" in vec_math_impl.h).
 //
 // Why our own GEMM: on the Zen 4 machines this project runs on, MKL's sgemm reaches 55-70%
 // of the FMA peak (218 GFLOP/s on two cores, measured) at the linear_act shapes, while this

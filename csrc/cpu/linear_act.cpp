@@ -7,7 +7,7 @@
 // bias included) and then ONE pass over z that applies the activation, in place unless z is
 // kept.
 //
-// Backward: with dz = dy * act'(saved) (saved = y or z, see kernels/activation.h),
+// Backward: with dz = dy * act'(saved) (saved = y or z, see kernels/common/activation.h),
 //   grad_input  = dz @ weight        (M, K)
 //   grad_weight = dz^T @ input       (N, K)
 //   grad_bias   = sum over rows of dz (N)
@@ -19,7 +19,7 @@
 // The float32 passes run the SIMD loops of linear_act_vec_impl.h (ATen's Vectorized<float>
 // with Sleef's vector exp/tanh), built into the AVX-512 and AVX2 + FMA units simd_avx512.cpp / simd_avx2.cpp and picked at
 // run time to match torch's own CPU capability; float64 (gradcheck) and other CPUs run the
-// scalar loops below. Both evaluate the same formulas, those of kernels/activation.h.
+// scalar loops below. Both evaluate the same formulas, those of kernels/common/activation.h.
 #include "cpu/linear_act.h"
 
 #include <ATen/Parallel.h>

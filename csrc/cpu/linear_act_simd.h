@@ -10,7 +10,7 @@
 
 #include <cstdint>
 
-#include "activation.h"
+#include "common/activation.h"
 #include "cpu/isa.h"
 
 namespace pykernels {

@@ -6,7 +6,7 @@
 #include <optional>
 #include <tuple>
 
-#include "activation.h"
+#include "common/activation.h"
 
 namespace pykernels {
 namespace cpu {

@@ -8,7 +8,7 @@
 
 #include <cstdint>
 
-#include "activation.h"
+#include "common/activation.h"
 
 namespace pykernels {
 namespace cpu {

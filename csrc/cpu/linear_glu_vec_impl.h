@@ -1,9 +1,6 @@
-// The body of the SIMD float32 loops of linear_glu_simd.h, compiled once per ISA unit like
-// linear_act_vec_impl.h (read it for the conventions: entry points named by
-// PYKERNELS_VEC_GLU(name), everything else in an anonymous namespace). Included after
-// linear_act_vec_impl.h, whose float64 column-sum helpers (accumulate, accumulate_tail)
-// it shares. The math is kernels/activation.h's with the VecMath policy, as in the scalar
-// loops of linear_glu.cpp.
+// The body of the SIMD float32 loops of linear_glu_simd.h, compiled once per ISA unit
+// (simd_families.h). The math is kernels/common/activation.h's with the VecMath policy, as
+// in the scalar loops of linear_glu.cpp.
 
 #include "cpu/linear_glu_simd.h"
 #include "cpu/vec_math_impl.h"
@@ -61,14 +58,14 @@ void glu_backward_rows(const float* dh, const float* gu, float* dgu, double* acc
 
 }  // namespace
 
-void PYKERNELS_VEC_GLU(linear_glu_forward_rows)(Activation act, const float* gu, float* h,
+void PYKERNELS_VEC_NAME(linear_glu_forward_rows)(Activation act, const float* gu, float* h,
                                                 int64_t rows, int64_t n, float negative_slope) {
   with_activation(act, [&](auto tag) {
     glu_forward_rows<decltype(tag)::value>(gu, h, rows, n, negative_slope);
   });
 }
 
-void PYKERNELS_VEC_GLU(linear_glu_backward_rows)(Activation act, const float* dh,
+void PYKERNELS_VEC_NAME(linear_glu_backward_rows)(Activation act, const float* dh,
                                                  const float* gu, float* dgu, double* acc,
                                                  int64_t rows, int64_t n,
                                                  float negative_slope) {

@@ -1,8 +1,7 @@
-// The AVX2 + FMA unit of the CPU kernels: linear_act_vec_impl.h, cross_entropy_vec_impl.h and
-// attention_vec_impl.h compiled with ATen's AVX2 Vectorized<float> (CPU_CAPABILITY=AVX2,
-// Sleef's 8-lane functions). The extension is built for baseline x86-64 (plain -O3), so this
-// unit switches the ISA on for itself; linear_act.cpp, cross_entropy.cpp and attention.cpp
-// call in only where cpu_isa() allows.
+// The AVX2 + FMA unit of the CPU kernels: the families' SIMD bodies (simd_families.h)
+// compiled with ATen's AVX2 Vectorized<float> (CPU_CAPABILITY=AVX2, Sleef's 8-lane
+// functions). The extension is built for baseline x86-64 (plain -O3), so this unit switches
+// the ISA on for itself; the families' .cpp call in only where cpu_isa() allows.
 #include "cpu/vec_prelude.h"
 
 #if PYKERNELS_CPU_VEC_LOOPS
@@ -32,16 +31,9 @@
 
 #include <ATen/cpu/vec/vec.h>
 
-#define PYKERNELS_VEC_FORWARD linear_act_forward_rows_avx2
-#define PYKERNELS_VEC_BACKWARD linear_act_backward_cols_avx2
+#define PYKERNELS_VEC_NAME(name) name##_avx2
 #define PYKERNELS_VEC_SLEEF_TANH Sleef_tanhf8_u35
-#include "cpu/linear_act_vec_impl.h"
-#define PYKERNELS_VEC_GLU(name) name##_avx2
-#include "cpu/linear_glu_vec_impl.h"
-#define PYKERNELS_VEC_CE(name) name##_avx2
-#include "cpu/cross_entropy_vec_impl.h"
-#define PYKERNELS_VEC_ATTN(name) name##_avx2
-#include "cpu/attention_vec_impl.h"
+#include "cpu/simd_families.h"
 static_assert(pykernels::cpu::kLanes == 8, "expected ATen's AVX2 Vectorized<float>");
 
 #pragma GCC diagnostic pop

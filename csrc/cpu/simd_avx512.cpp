@@ -1,10 +1,10 @@
-// The AVX-512 unit of the CPU kernels: linear_act_vec_impl.h, cross_entropy_vec_impl.h and
-// attention_vec_impl.h compiled with ATen's AVX-512 Vectorized<float> (CPU_CAPABILITY=AVX512,
-// Sleef's 16-lane functions), for the CPUs where torch's own kernels run AVX-512 (its vector exp/tanh are
-// ~1.5-2x faster per element than the 8-lane ones even on Zen 4's 256-bit datapath, so
-// eager would otherwise win the transcendental activations). Same ISA flags as torch's
-// AVX512 kernels: avx512f, avx512bw, avx512vl, avx512dq, fma. linear_act.cpp,
-// cross_entropy.cpp and attention.cpp call in only where cpu_isa() allows.
+// The AVX-512 unit of the CPU kernels: the families' SIMD bodies (simd_families.h) compiled
+// with ATen's AVX-512 Vectorized<float> (CPU_CAPABILITY=AVX512, Sleef's 16-lane functions),
+// for the CPUs where torch's own kernels run AVX-512 (its vector exp/tanh are ~1.5-2x faster
+// per element than the 8-lane ones even on Zen 4's 256-bit datapath, so eager would
+// otherwise win the transcendental activations), and the AVX-512 GEMM (gemm_avx512_impl.h).
+// Same ISA flags as torch's AVX512 kernels: avx512f, avx512bw, avx512vl, avx512dq, fma. The
+// families' .cpp call in only where cpu_isa() allows.
 #include "cpu/vec_prelude.h"
 
 #if PYKERNELS_CPU_VEC_LOOPS
@@ -40,16 +40,9 @@
 
 #include <ATen/cpu/vec/vec.h>
 
-#define PYKERNELS_VEC_FORWARD linear_act_forward_rows_avx512
-#define PYKERNELS_VEC_BACKWARD linear_act_backward_cols_avx512
+#define PYKERNELS_VEC_NAME(name) name##_avx512
 #define PYKERNELS_VEC_SLEEF_TANH Sleef_tanhf16_u35
-#include "cpu/linear_act_vec_impl.h"
-#define PYKERNELS_VEC_GLU(name) name##_avx512
-#include "cpu/linear_glu_vec_impl.h"
-#define PYKERNELS_VEC_CE(name) name##_avx512
-#include "cpu/cross_entropy_vec_impl.h"
-#define PYKERNELS_VEC_ATTN(name) name##_avx512
-#include "cpu/attention_vec_impl.h"
+#include "cpu/simd_families.h"
 #include "cpu/gemm_avx512_impl.h"
 static_assert(pykernels::cpu::kLanes == 16, "expected ATen's AVX-512 Vectorized<float>");
 

@@ -1,5 +1,5 @@
 // First include of the SIMD units simd_avx2.cpp and simd_avx512.cpp, read BEFORE they
-// switch their ISA on. See "One-definition-rule hygiene" in linear_act_vec_impl.h.
+// switch their ISA on. See "One-definition-rule hygiene" in vec_math_impl.h.
 //
 // It brings in, compiled for the baseline ISA, everything ATen/cpu/vec/vec_base.h includes
 // that does not depend on CPU_CAPABILITY (checked with g++ -H: none of these pulls in a vec

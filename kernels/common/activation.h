@@ -6,7 +6,7 @@
 // that supplies the transcendental functions and the two branch selects. The default
 // policy ScalarMath<T> is plain <cmath> (host, float or double) / CUDA's math library
 // (device); the CPU path also instantiates the same formulas with a SIMD policy over
-// at::vec::Vectorized<float> (csrc/cpu/linear_act_avx2.cpp). A policy provides
+// at::vec::Vectorized<float> (VecMath in csrc/cpu/vec_math_impl.h). A policy provides
 //   static T exp(T), erf(T), tanh(T)
 //   static T if_pos(T z, T a, T b)     // z > 0 ? a : b   (b where z is NaN)
 //   static T if_nonpos(T z, T a, T b)  // z <= 0 ? a : b  (b where z is NaN)

@@ -1,6 +1,6 @@
 // Element types shared by the CUDA kernels (kernels/*.cu): conversion to and from the fp32
-// compute type, the DType -> C++ type dispatch, and small index/alignment helpers.
-// Included by .cu files only; CUDA headers only, no torch.
+// compute type, the DType (dtype.h) -> C++ type dispatch, and small index/alignment
+// helpers. Included by .cu files only; CUDA headers only, no torch.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -9,7 +9,7 @@
 
 #include <cstdint>
 
-#include "linear_act.h"  // DType
+#include "common/dtype.h"
 
 namespace pykernels {
 namespace cuda {
