@@ -1,5 +1,5 @@
 """The activation math of the Triton kernels (linear_act, linear_glu), mirroring
-kernels/activation.h, which the CUDA and C++ CPU backends share.
+kernels/common/activation.h, which the CUDA and C++ CPU backends share.
 
 Not a family: every name here is meant to be imported by the family modules.
 """

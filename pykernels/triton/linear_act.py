@@ -6,7 +6,7 @@ Backward:  dZ = dY * act'(S), S = y or z (see pykernels/ops/linear_act.py)
 
 Every product runs through one GEMM kernel, c = act(a @ b + bias), which takes arbitrary
 strides for every operand, so W^T, dZ^T and strided inputs need no copy. The activation math
-mirrors kernels/activation.h, which the CUDA and C++ CPU backends share.
+mirrors kernels/common/activation.h, which the CUDA and C++ CPU backends share.
 
 How the backward gets dZ: a fused elementwise kernel writes dZ once, and the two GEMMs read
 it. The alternative was to recompute dY * act'(S) as an A-operand prologue in each GEMM. For
