@@ -9,8 +9,6 @@
 import ast
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parents[2] / "pykernels"
 FAMILIES = {"linear_act", "linear_glu", "cross_entropy", "linear_cross_entropy", "attention"}
 
@@ -55,19 +53,19 @@ def private_imports_across_families(path, dotted):
     return found
 
 
-@pytest.mark.parametrize("path", _modules(), ids=_dotted)
-def test_no_private_name_from_another_family(path):
-    assert private_imports_across_families(path, _dotted(path)) == []
+def test_no_private_name_from_another_family():
+    found = {_dotted(p): private_imports_across_families(p, _dotted(p)) for p in _modules()}
+    assert {module: names for module, names in found.items() if names} == {}
 
 
 # pykernels/__main__.py is the command line's entry (python -m pykernels), not the library.
 LIBRARY = [p for p in _modules() if "app" not in p.parts and p.name != "__main__.py"]
 
 
-@pytest.mark.parametrize("path", LIBRARY, ids=_dotted)
-def test_library_does_not_import_the_app(path):
-    sources = [source for source, _ in _imports(path, _dotted(path))]
-    assert not [s for s in sources if (s or "").startswith("pykernels.app")]
+def test_library_does_not_import_the_app():
+    found = [(_dotted(p), source) for p in LIBRARY for source, _ in _imports(p, _dotted(p))
+             if (source or "").startswith("pykernels.app")]
+    assert found == []
 
 
 def test_the_checker_finds_a_planted_violation(tmp_path):
