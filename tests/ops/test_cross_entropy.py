@@ -36,7 +36,7 @@ from pykernels import reference
 from pykernels.ops import cross_entropy as ce_ops
 from pykernels.testing import DEFAULT_ATOL, assert_low_precision_close
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CPU_BACKENDS = cpu_kernel_backends()
 INF = float("inf")
 HAS_TORCH_LCE = hasattr(F, "linear_cross_entropy")
