@@ -26,6 +26,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from attention_cases import random_like, spy_kernels
 from conftest import cpu_kernel_backends, gpu_kernel_backends, pairwise
 from torch.library import opcheck
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -134,11 +135,6 @@ def expected_fn(opts):
 def ours_fn(backend, opts):
     return lambda q, k, v: pykernels.scaled_dot_product_attention(q, k, v, backend=backend,
                                                                   **opts)
-
-
-def random_like(shape, seed=1, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=torch.float64).to(device)
 
 
 def out_and_grads(fn, q, k, v, grad_out):
@@ -805,20 +801,8 @@ def test_only_requested_gradients_and_no_grad(backend):
     assert no_grad.grad_fn is None and torch.equal(no_grad, out.detach())
 
 
-def _spy_kernels(monkeypatch):
-    used = []
-    original = attn_ops._kernels
-
-    def spy(name):
-        used.append(name)
-        return original(name)
-
-    monkeypatch.setattr(attn_ops, "_kernels", spy)
-    return used
-
-
 def test_backend_selection(monkeypatch):
-    used = _spy_kernels(monkeypatch)
+    used = spy_kernels(monkeypatch)
     q, k, v = make_qkv((1, 2), (1, 2), 9, 9, 4, 4, seed=26)
     expected = F.scaled_dot_product_attention(q, k, v)
     for dtype in (torch.float64, torch.float32):
@@ -852,25 +836,27 @@ def test_torch_backend_differentiates_float_masks():
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_use_deterministic_bitwise_identical_backwards(backend):
+def test_repeated_backward_is_bitwise_identical(backend):
+    """Every backward sums in a fixed order: two runs give the same bits, with no switch."""
     Z, H, L, S = (2, 4, 300, 280) if backend == "cpu" else (1, 2, 33, 20)
     q, k, v = make_qkv((Z, H), (Z, H // 2), L, S, 16, 8, dtype=torch.float32, seed=28)
     grad_out = random_like((Z, H, L, 8), seed=28)
-    assert not attn_ops.deterministic()
-    with pykernels.use_deterministic():
-        assert attn_ops.deterministic()
-        with pykernels.use_deterministic(False):
-            assert not attn_ops.deterministic()
-        assert attn_ops.deterministic()
-        runs = []
-        for _ in range(2):
-            torch.manual_seed(29)
-            runs.append(out_and_grads(ours_fn(backend, dict(
-                enable_gqa=True, is_causal=True, dropout_p=0.1, softcap=5.0)), q, k, v,
-                grad_out))
-    assert not attn_ops.deterministic()
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(29)
+        runs.append(out_and_grads(ours_fn(backend, dict(
+            enable_gqa=True, is_causal=True, dropout_p=0.1, softcap=5.0)), q, k, v, grad_out))
     for name, a, b in zip(NAMES, *runs, strict=True):
         assert torch.equal(a, b), f"{backend} {name} differs between two runs"
+
+
+def test_use_deterministic_is_a_deprecated_no_op():
+    # Called as before, plain or as a context manager: it warns and changes nothing.
+    with pytest.warns(FutureWarning):
+        switch = pykernels.use_deterministic()
+        if hasattr(switch, "__enter__"):
+            with switch:
+                pass
 
 
 def test_cpu_results_do_not_depend_on_the_thread_count():
@@ -944,9 +930,8 @@ def test_opcheck_attention_backward(backend, name):
     q, k, v, mask, *options = args
     out, lse = torch.ops.pykernels.attention_forward(*args, backend)
     grad_out = random_like(out.shape, seed=33).float()
-    for deterministic in (False, True):
-        opcheck(torch.ops.pykernels.attention_backward,
-                (grad_out, q, k, v, out, lse, mask, *options, deterministic, backend))
+    opcheck(torch.ops.pykernels.attention_backward,
+            (grad_out, q, k, v, out, lse, mask, *options, backend))
 
 
 def _compile_case():
@@ -1155,173 +1140,6 @@ def test_mask_not_broadcasting_as_in_torch():
                 F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-# ---- pykernels.nn.MultiheadAttention -----------------------------------------------------------
-
-def _mha_pair(seed=50, dtype=torch.float64, **kwargs):
-    """(ours, torch's) MultiheadAttention with one state_dict (ours drawn, torch's loaded)."""
-    torch.manual_seed(seed)
-    ours = pykernels.nn.MultiheadAttention(12, 3, dtype=dtype, **kwargs)
-    plain = torch.nn.MultiheadAttention(12, 3, dtype=dtype, **kwargs)
-    plain.load_state_dict(ours.state_dict())
-    return ours, plain
-
-
-def _mha_inputs(batch_first, kdim=12, vdim=12, L=7, S=9, N=2, seed=51, unbatched=False):
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(length, features):
-        shape = ((length, features) if unbatched else
-                 (N, length, features) if batch_first else (length, N, features))
-        return torch.randn(shape, generator=g, dtype=torch.float64)
-
-    return rand(L, 12), rand(S, kdim), rand(S, vdim)
-
-
-def _mha_masks(kind, L=7, S=9, N=2, heads=3):
-    """(key_padding_mask, attn_mask, is_causal) in torch.nn.MultiheadAttention's convention
-    (bool: True = may NOT attend)."""
-    g = torch.Generator().manual_seed(52)
-    padding = torch.zeros(N, S, dtype=torch.bool)
-    padding[1, 6:] = True
-    causal = torch.ones(L, S, dtype=torch.bool).triu(1)
-    return {
-        "none": (None, None, False),
-        "key_padding": (padding, None, False),
-        "float_key_padding": (torch.zeros(N, S, dtype=torch.float64).masked_fill(padding, -INF),
-                              None, False),
-        "bool_mask": (None, torch.rand(L, S, generator=g) > 0.7, False),
-        "float_mask": (None, torch.randn(L, S, generator=g, dtype=torch.float64), False),
-        "per_head_mask": (None, torch.randn(N * heads, L, S, generator=g, dtype=torch.float64),
-                          False),
-        "causal": (None, causal, True),
-        "causal_and_padding": (padding, causal, True),
-        "bool_mask_and_padding": (padding, torch.rand(L, S, generator=g) > 0.7, False),
-    }[kind]
-
-
-def _mha_run(module, q, k, v, **kwargs):
-    """(output, weights, input grads, parameter grads) of one forward/backward."""
-    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    out, weights = module(*leaves, **kwargs)
-    grad_out = random_like(out.shape, seed=53)
-    params = [p for p in module.parameters()]
-    grads = torch.autograd.grad(out, leaves + params, grad_out, allow_unused=True)
-    return out.detach(), weights, grads
-
-
-MHA_MASKS = ["none", "key_padding", "float_key_padding", "bool_mask", "float_mask",
-             "per_head_mask", "causal", "causal_and_padding", "bool_mask_and_padding"]
-
-
-@pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
-@pytest.mark.parametrize("dims", [(12, 12), (7, 5)], ids=["same_dims", "kdim7_vdim5"])
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
-def test_multihead_attention_fused_path_matches_torch(batch_first, dims, bias):
-    """need_weights=False: the fused path, output and every gradient as torch's module, for
-    every kind of mask."""
-    kdim, vdim = dims
-    ours, plain = _mha_pair(kdim=kdim, vdim=vdim, bias=bias, batch_first=batch_first)
-    assert isinstance(ours, torch.nn.MultiheadAttention)
-    assert ours.state_dict().keys() == plain.state_dict().keys()
-    q, k, v = _mha_inputs(batch_first, kdim, vdim)
-    for kind in MHA_MASKS:
-        padding, mask, causal = _mha_masks(kind)
-        kwargs = dict(key_padding_mask=padding, attn_mask=mask, is_causal=causal,
-                      need_weights=False)
-        out, weights, grads = _mha_run(ours, q, k, v, **kwargs)
-        ref_out, _, ref_grads = _mha_run(plain, q, k, v, **kwargs)
-        assert weights is None
-        torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12, msg=kind)
-        for i, (a, e) in enumerate(zip(grads, ref_grads, strict=True)):
-            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12,
-                                       msg=lambda m, i=i, kind=kind: f"{kind} grad {i}: {m}")
-
-
-def test_multihead_attention_fused_path_runs_the_kernel(monkeypatch):
-    used = _spy_kernels(monkeypatch)
-    ours, plain = _mha_pair()
-    q, k, v = _mha_inputs(False)
-    ours(q, k, v, need_weights=False)
-    assert used == ["cpu"]
-    used.clear()
-    out, weights = ours(q, k, v)  # need_weights=True: torch's own computation
-    assert used == [] and weights.shape == (2, 7, 9)
-
-
-@pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
-@pytest.mark.parametrize("average", [True, False], ids=["averaged", "per_head"])
-def test_multihead_attention_need_weights_as_torch(batch_first, average):
-    ours, plain = _mha_pair(batch_first=batch_first, kdim=7, vdim=5)
-    q, k, v = _mha_inputs(batch_first, 7, 5)
-    padding, mask, _ = _mha_masks("bool_mask_and_padding")
-    kwargs = dict(key_padding_mask=padding, attn_mask=mask, average_attn_weights=average)
-    out, weights, grads = _mha_run(ours, q, k, v, **kwargs)
-    ref_out, ref_weights, ref_grads = _mha_run(plain, q, k, v, **kwargs)
-    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(weights, ref_weights, rtol=1e-10, atol=1e-12)
-    assert weights.shape == ((2, 7, 9) if average else (2, 3, 7, 9))
-    fused, _, _ = _mha_run(ours, q, k, v, need_weights=False, key_padding_mask=padding,
-                           attn_mask=mask)
-    torch.testing.assert_close(fused, out, rtol=1e-10, atol=1e-12)
-
-
-def test_multihead_attention_unbatched_and_eval_dropout():
-    ours, plain = _mha_pair(dropout=0.4)
-    ours.eval()
-    plain.eval()
-    q, k, v = _mha_inputs(False, unbatched=True)
-    padding = torch.zeros(9, dtype=torch.bool)
-    padding[7:] = True
-    for kwargs in (dict(), dict(key_padding_mask=padding),
-                   dict(attn_mask=_mha_masks("causal")[1], is_causal=True)):
-        out, _, grads = _mha_run(ours, q, k, v, need_weights=False, **kwargs)
-        ref_out, _, ref_grads = _mha_run(plain, q, k, v, need_weights=False, **kwargs)
-        assert out.shape == (7, 12)
-        torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
-        for a, e in zip(grads, ref_grads, strict=True):
-            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
-
-
-def test_multihead_attention_training_dropout():
-    """In training mode the fused path drops attention weights: reproducible under
-    torch.manual_seed, different from eval mode, and like eval mode without dropout."""
-    ours, _ = _mha_pair(dropout=0.3, batch_first=True)
-    q, k, v = _mha_inputs(True)
-    ours.train()
-    torch.manual_seed(54)
-    first, _ = ours(q, k, v, need_weights=False)
-    torch.manual_seed(54)
-    again, _ = ours(q, k, v, need_weights=False)
-    ours.eval()
-    evaluated, _ = ours(q, k, v, need_weights=False)
-    assert torch.equal(first, again) and not torch.allclose(first, evaluated)
-    ours.dropout = 0.0
-    ours.train()
-    torch.testing.assert_close(ours(q, k, v, need_weights=False)[0], evaluated, rtol=0, atol=0)
-
-
-def test_multihead_attention_is_causal_needs_a_mask_like_torch():
-    ours, plain = _mha_pair()
-    q, k, v = _mha_inputs(False)
-    for module in (ours, plain):
-        with pytest.raises(RuntimeError, match="attn_mask"):
-            module(q, k, v, need_weights=False, is_causal=True)
-
-
-def test_multihead_attention_torch_compile_fullgraph():
-    ours, plain = _mha_pair(batch_first=True)
-    q, k, v = _mha_inputs(True)
-    padding, mask, _ = _mha_masks("bool_mask_and_padding")
-
-    def fn(q, k, v):
-        return ours(q, k, v, key_padding_mask=padding, attn_mask=mask, need_weights=False)[0]
-
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, fullgraph=True)(q, k, v)
-    expected = plain(q, k, v, key_padding_mask=padding, attn_mask=mask, need_weights=False)[0]
-    torch.testing.assert_close(compiled, expected, rtol=1e-10, atol=1e-12)
-
-
 # ---- GPU (cuda marker: skipped without a CUDA device) ----------------------------------------
 
 def attention_gpu_backends():
@@ -1487,9 +1305,8 @@ def test_gpu_deterministic_backward(backend):
     q, k, v = make_qkv((2, 8), (2, 2), 1025, 1025, 128, 128, dtype=torch.bfloat16,
                        device="cuda", seed=42)
     grad_out = random_like((2, 8, 1025, 128), seed=42, device="cuda")
-    with pykernels.use_deterministic():
-        runs = [out_and_grads(ours_fn(backend, dict(is_causal=True, enable_gqa=True)), q, k, v,
-                              grad_out) for _ in range(2)]
+    runs = [out_and_grads(ours_fn(backend, dict(is_causal=True, enable_gqa=True)), q, k, v,
+                          grad_out) for _ in range(2)]
     for other in runs[1:]:
         for name, a, b in zip(NAMES, runs[0], other, strict=True):
             assert torch.equal(a, b), name
