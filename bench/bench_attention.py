@@ -6,7 +6,7 @@ Every available pykernels backend ("auto" is the default choice) against PyTorch
 F.scaled_dot_product_attention with its default choice and with each backend it offers
 here (flash, cuDNN, memory-efficient, math; via torch.nn.attention.sdpa_kernel), and
 torch.compile of the math composition (GPU). TFLOP/s count 4·B·H·L·S·E forward (halved when
-causal) and 2.5x that backward (DESIGN.md section 6), as a fraction of the measured matmul
+causal) and 2.5x that backward, as a fraction of the measured matmul
 rate. bf16 on GPU: B·L = 16384 tokens, H·E = 2048, E in {64, 128}, L from 512 to 16k;
 float32 on CPU: B=4, H=8, L=512, E=64. Writes attention_<device>.csv/.md/.png.
 """

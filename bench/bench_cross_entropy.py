@@ -4,8 +4,8 @@
 
 cross_entropy: every available pykernels backend ("auto" is the default choice) against
 eager F.cross_entropy, torch.compile of it (GPU) and Liger-Kernel's cross entropy where
-it is installed; GB/s count the logits read once plus the gradient written once
-(DESIGN.md section 6), as a fraction of the measured copy bandwidth.
+it is installed; GB/s count the logits read once plus the gradient written once,
+as a fraction of the measured copy bandwidth.
 linear_cross_entropy: against eager (F.linear then F.cross_entropy), torch.compile of
 that (GPU), torch's own chunked F.linear_cross_entropy where torch has it, and Liger's
 fused linear cross entropy where installed; TFLOP/s of the three GEMMs, and peak memory

@@ -12,7 +12,7 @@ smaller one with --quick); the GPU targets are not judged there, the ratios are 
 
 Reported per step: ms, tokens/s (in the notes), TFLOP/s — 6 x tokens x (linear weights,
 LM head included) for the GEMMs forward and backward, plus causal attention 3.5 x
-2 x tokens x length x d_model per layer (DESIGN.md section 6) — and, on GPU, the peak
+2 x tokens x length x d_model per layer — and, on GPU, the peak
 memory one step allocates beyond the weights and optimizer state already live.
 Targets (GPU): fused >= 1.3x eager tokens/s, >= 1.0x torch.compile, peak memory <= 0.7x
 eager. Writes e2e_<device>.csv/.md/.png.

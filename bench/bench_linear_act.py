@@ -78,7 +78,7 @@ def run_shape(machine, shape, activations, quick):
     def linear_inputs():
         return randn(m, k), randn(n, k) / k**0.5, randn(n)
 
-    # Linear FLOPs: 2·M·N·K forward, twice that backward (DESIGN.md section 6).
+    # Linear FLOPs: 2·M·N·K forward, twice that backward.
     flops = {"fwd": 2 * m * n * k, "bwd": 4 * m * n * k, "fwd+bwd": 6 * m * n * k}
     where = dict(shape=shape_label(*shape), dtype=dtype, flops=flops, quick=quick)
     gemm = [("matmul", "gemm", lambda x, w: x @ w.t(), lambda: linear_inputs()[:2])]

@@ -58,7 +58,7 @@ def run_shape(machine, shape, activations, quick):
     def stacked():
         return randn(m, k), randn(2 * n, k) / k**0.5
 
-    # The two GEMMs of 2·M·N·K each forward, twice that backward (DESIGN.md section 6).
+    # The two GEMMs of 2·M·N·K each forward, twice that backward.
     flops = {"fwd": 4 * m * n * k, "bwd": 8 * m * n * k, "fwd+bwd": 12 * m * n * k}
     where = dict(shape=shape_label(*shape), dtype=dtype, flops=flops, quick=quick)
     gemm = [("matmul", "gemm", lambda x, w: x @ w.t(), stacked)]

@@ -1,10 +1,11 @@
-"""Shared machinery for every family's benchmark (DESIGN.md section 6).
+"""Shared machinery for every family's benchmark.
 
 A benchmark builds *cases*: a function, a maker of fresh random inputs, and a mode
 (``fwd``, ``bwd`` or ``fwd+bwd``). This module times a case (median, warmed up, rotating
 through input sets larger than the cache), measures its peak memory, measures the
 machine's own ceilings in the same run, and writes the rows as CSV, Markdown and, when
-matplotlib is installed, a PNG bar plot.
+matplotlib is installed, a PNG bar plot. The CPU timing is pykernels.app.timing's
+interleaved rounds, the demo's; so is the verdict on each target.
 """
 
 import csv
@@ -12,11 +13,12 @@ import datetime
 import itertools
 import math
 import re
-import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from pykernels.app import timing
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -117,12 +119,6 @@ def _warm_up(call, sets, quick):
     return (time.perf_counter() - start) * 1e3 / calls
 
 
-def _timed(call, s):
-    t0 = time.perf_counter()
-    call(s)
-    return time.perf_counter() - t0
-
-
 def time_ms(call, sets, machine, quick=False):
     """Median milliseconds of ``call(s)``, cycling ``s`` through ``sets``, after warm-up."""
     rotation = itertools.cycle(sets)
@@ -135,8 +131,8 @@ def time_ms(call, sets, machine, quick=False):
         )
     estimate_ms = _warm_up(call, sets, quick)
     repeats = min(200, max(5, int(_rep_ms(quick) / max(estimate_ms, 1e-3))))
-    times = [_timed(call, next(rotation)) for _ in range(repeats)]
-    return statistics.median(times) * 1e3
+    times = timing.interleaved({"call": lambda: call(next(rotation))}, repeats)["call"]
+    return timing.spread(times).median * 1e3
 
 
 def peak_mem_mb(call, sets, machine):
@@ -191,11 +187,16 @@ def measure_cases(machine, cases, *, shape, dtype, flops=None, nbytes=None, quic
               for op, backend, fn, make_inputs in cases for mode in modes
               if backend != "compile" or _compile_here]
 
-    def row_of(label, ms, peak_mb):
+    def row_of(label, ms, peak_mb, rounds_s=None):
         op, backend, _, _, mode, what = label
-        print(f"{what} {ms:.4g} ms", flush=True)
-        return _row(machine, ms, peak_mb, op=op, backend=backend, shape=shape, dtype=dtype,
-                    mode=mode, flops=(flops or {}).get(mode), nbytes=(nbytes or {}).get(mode))
+        spread = rounds_s and timing.spread(rounds_s).scaled(1e3)
+        print(f"{what} {ms:.4g} ms" + (f" ({timing.format_spread(spread, '{:.4g}')})"
+                                       if spread else ""), flush=True)
+        row = _row(machine, ms, peak_mb, op=op, backend=backend, shape=shape, dtype=dtype,
+                   mode=mode, flops=(flops or {}).get(mode), nbytes=(nbytes or {}).get(mode))
+        if rounds_s:
+            row["rounds_s"] = rounds_s  # for the per-round ratios of fill_ratios
+        return row
 
     if machine.is_cuda:
         for label in labels:
@@ -214,12 +215,12 @@ def measure_cases(machine, cases, *, shape, dtype, flops=None, nbytes=None, quic
     # Cases are made and timed in groups whose input sets fit CPU_INTERLEAVE_BYTES (a case
     # bigger than that is a group of its own), so interleaving never multiplies the memory
     # of a large benchmark by its number of cases.
-    group, group_bytes = [], 0  # group: [label, call, rotation, times, estimate_ms]
+    group, group_bytes = [], 0  # group: [label, call, rotation, estimate_ms]
     for index, label in enumerate(labels):
         _, _, fn, make_inputs, mode, what = label
         try:
             call, sets = make_case(fn, make_inputs, mode, machine, grad_like)
-            group.append([label, call, itertools.cycle(sets), [], _warm_up(call, sets, quick)])
+            group.append([label, call, itertools.cycle(sets), _warm_up(call, sets, quick)])
             group_bytes += _nbytes(_leaves(sets))
         except Exception as e:
             _failed(what, e)
@@ -237,17 +238,14 @@ def _time_interleaved(group, quick, row_of):
     """Rows for a group of made cases, timed once each per round, median per case."""
     if not group:
         return
-    total_ms = sum(entry[4] for entry in group)
+    total_ms = sum(entry[3] for entry in group)
     rounds = min(200, max(7, int(_rep_ms(quick) * len(group) / max(total_ms, 1e-3))))
-    for _ in range(rounds):
-        for entry in list(group):
-            try:
-                entry[3].append(_timed(entry[1], next(entry[2])))
-            except Exception as e:
-                _failed(entry[0][-1], e)
-                group.remove(entry)
-    for label, _, _, times, _ in group:
-        yield row_of(label, statistics.median(times) * 1e3, None)
+    calls = {index: (lambda call=call, rotation=rotation: call(next(rotation)))
+             for index, (_, call, rotation, _) in enumerate(group)}
+    samples = timing.interleaved(calls, rounds,
+                                 on_error=lambda index, e: _failed(group[index][0][-1], e))
+    for index, times in samples.items():
+        yield row_of(group[index][0], timing.spread(times).median * 1e3, None, times)
 
 
 def measure_ceilings(machine, quick=False):
@@ -279,7 +277,9 @@ def fill_ratios(rows, ceilings):
     """Add fraction-of-ceiling, fraction-of-GEMM and speed-up columns in place.
 
     ``frac_of_gemm`` compares with the row of op ``matmul`` (the bare GEMMs alone) of the
-    same shape, dtype and mode; the ratios are baseline_ms / ms, so > 1 means faster.
+    same shape, dtype and mode; the ratios are baseline_ms / ms, so > 1 means faster. Rows
+    timed in the same interleaved rounds get the median of the per-round ratios, carrying
+    their spread (a Measured) for report_checks' verdict.
     """
     peak_tflops = next(r["tflops"] for r in ceilings if r["op"] == "ceiling_matmul")
     peak_gbps = next(r["gbps"] for r in ceilings if r["op"] == "ceiling_copy")
@@ -294,8 +294,22 @@ def fill_ratios(rows, ceilings):
             r["frac_of_gemm"] = r["tflops"] / gemm["tflops"]
         for base in ("eager", "compile"):
             other = by_key.get((r["op"], r["shape"], r["dtype"], r["mode"], base))
-            if other:
-                r[f"ratio_vs_{base}"] = other["ms"] / r["ms"]
+            if not other:
+                continue
+            paired = len(other.get("rounds_s", ())) == len(r.get("rounds_s", ())) > 0
+            r[f"ratio_vs_{base}"] = (Measured(timing.ratio(other["rounds_s"], r["rounds_s"]))
+                                     if paired else other["ms"] / r["ms"])
+
+
+class Measured(float):
+    """A ratio's median that carries the spread of its rounds (a timing.Spread): the
+    benchmarks' targets pick values out of the rows, and hand report_checks the spread
+    with them."""
+
+    def __new__(cls, spread):
+        value = super().__new__(cls, spread.median)
+        value.spread = spread
+        return value
 
 
 def _fmt(value):
@@ -377,9 +391,11 @@ def _plot(rows, family, machine, path):
 def report_checks(checks):
     """Print each target as PASS/FAIL/SKIP (never assert) and return the lines.
 
-    ``checks`` holds (description, values, threshold) or (..., threshold, "at_most"): PASS
-    when every value is at least (at most) the threshold; SKIP when this run measured none
-    (e.g. --quick shapes).
+    ``checks`` holds (description, values, threshold) or (..., threshold, "at_most"): each
+    value's verdict is timing.verdict's against the threshold (at least it, or at most), by
+    its spread where it carries one (a Measured), else by the value alone; the check's is
+    FAIL when any value's is, PASS when all are, "within noise" otherwise. SKIP when this
+    run measured none (e.g. --quick shapes).
     """
     lines = []
     for description, values, threshold, *bound in checks:
@@ -387,9 +403,15 @@ def report_checks(checks):
             lines.append(f"SKIP  {description} (not measured in this run)")
             continue
         at_most = bound == ["at_most"]
+        spreads = {label: getattr(v, "spread", None) or timing.Spread(v, v, v, 1)
+                   for label, v in values.items()}
+        verdicts = {timing.verdict(s, threshold, at_most) for s in spreads.values()}
+        verdict = (timing.FAIL if timing.FAIL in verdicts
+                   else timing.PASS if verdicts == {timing.PASS} else timing.NOISE)
         worst_label, worst = (max if at_most else min)(values.items(), key=lambda kv: kv[1])
-        verdict = "PASS" if (worst <= threshold if at_most else worst >= threshold) else "FAIL"
-        lines.append(f"{verdict}  {description}: worst {worst:.3g} at {worst_label}")
+        spread = spreads[worst_label]
+        lines.append(f"{verdict}  {description}: worst {worst:.3g} at {worst_label}"
+                     + (f" ({timing.format_spread(spread)})" if spread.rounds > 1 else ""))
     print("\n".join(lines))
     return lines
 

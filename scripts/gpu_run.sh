@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build, test and benchmark pykernels on the lent GPU machine in one device call of at most
-# 9 minutes (DESIGN.md section 5, issue 12). From the repo root, through the device tool:
+# 9 minutes. From the repo root, through the device tool:
 #     run(command="bash scripts/gpu_run.sh [--smoke] [FAMILY ...]", timeout_s=600)
 # FAMILY: linear_act cross_entropy attention (default), also e2e and demo.
 # --smoke (<= 4 minutes once built): the first cuda-marked test and the target shape of

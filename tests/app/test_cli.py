@@ -1,5 +1,6 @@
 """The command line (python -m pykernels): info, check, bench, bad input to demo; the
-benchmarks' smoke mode. The demo itself runs in test_demo.py."""
+benchmarks' smoke mode; the timing verdict rule they share. The demo itself runs in
+test_demo.py."""
 
 import csv
 import os
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import pykernels
+from pykernels.app import timing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,6 +39,13 @@ def test_check_passes_on_every_backend():
     backends_checked = {line.split()[1] for line in lines}
     assert backends_checked == {b for b in pykernels.backends("cpu") if b != "torch"}
     assert len(lines) == 8 * len(backends_checked) and all(" pass" in ln for ln in lines)
+
+
+def test_import_pykernels_leaves_the_app_out():
+    """The library does not load the application (CLI, demo, data, timings)."""
+    result = run("-c", "import sys, pykernels; "
+                       "assert not any(m.startswith('pykernels.app') for m in sys.modules)")
+    assert result.returncode == 0, result.stderr
 
 
 def test_unknown_command_exits_2():
@@ -126,3 +135,75 @@ def test_bench_command_runs_e2e_quick(tmp_path):
     assert {"fused", "eager"} <= set(rows)
     assert all(float(r["ms"]) > 0 and float(r["tflops"]) > 0 for r in rows.values())
     assert float(rows["eager"]["ratio_vs_eager"]) == 1.0
+
+
+# --- the verdict rule of timing.py, on synthetic numbers (nothing timed) ------------------
+
+@pytest.mark.parametrize("rounds, target, expected", [
+    ([1.10, 1.20, 1.25, 1.30, 1.40], 1.0, timing.PASS),  # the whole spread above
+    ([0.80, 0.85, 0.88, 0.90, 0.95], 1.0, timing.FAIL),  # the whole spread below
+    ([0.90, 0.97, 1.05, 1.08, 1.20], 1.0, timing.NOISE),  # straddles, median above
+    ([0.80, 0.92, 0.96, 1.02, 1.10], 1.0, timing.NOISE),  # straddles, median below
+    ([0.50, 1.00, 1.00, 1.10, 1.20], 1.0, timing.PASS),  # lower quartile on the target
+])
+def test_verdict_at_least(rounds, target, expected):
+    assert timing.verdict(timing.spread(rounds), target) == expected
+
+
+@pytest.mark.parametrize("rounds, expected", [
+    ([0.5, 0.6, 0.6, 0.7, 0.9], timing.PASS),
+    ([1.3, 1.4, 1.5, 1.6, 1.7], timing.FAIL),
+    ([0.9, 1.1, 1.2, 1.3, 1.4], timing.NOISE),
+])
+def test_verdict_at_most(rounds, expected):
+    assert timing.verdict(timing.spread(rounds), 1.2, at_most=True) == expected
+
+
+def test_spread_is_the_median_and_quartiles_of_the_rounds():
+    assert timing.spread([5.0, 1.0, 3.0, 2.0, 4.0]) == timing.Spread(3.0, 2.0, 4.0, 5)
+    assert timing.spread([2.0]) == timing.Spread(2.0, 2.0, 2.0, 1)
+    # speed-ups are taken round by round: a slow round slows both variants alike
+    speedup = timing.ratio([2.0, 4.0, 2.2, 2.0, 6.0], [1.0, 2.0, 1.0, 1.0, 3.0])
+    assert speedup.median == 2.0 and (speedup.lo, speedup.hi) == (2.0, 2.0)
+    with pytest.raises(ValueError, match="different runs"):
+        timing.ratio([1.0, 2.0], [1.0])
+
+
+def test_interleaved_runs_at_least_min_rounds_in_turn():
+    order = []
+    samples = timing.interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
+                                 rounds=2, repeats={"b": 3}, budget_s=0.0)
+    assert [len(s) for s in samples.values()] == [timing.MIN_ROUNDS] * 2
+    assert order == ["a", "b", "b", "b"] * timing.MIN_ROUNDS
+
+
+def test_interleaved_drops_a_failing_variant_when_asked():
+    def broken():
+        raise RuntimeError("no kernel")
+
+    failures = []
+    samples = timing.interleaved({"ok": lambda: None, "broken": broken}, rounds=5,
+                                 on_error=lambda name, e: failures.append((name, str(e))))
+    assert list(samples) == ["ok"] and len(samples["ok"]) == 5
+    assert failures == [("broken", "no kernel")]
+    with pytest.raises(RuntimeError, match="no kernel"):
+        timing.interleaved({"broken": broken}, rounds=5)
+
+
+def test_bench_report_checks_judges_by_the_spread(capsys):
+    from bench import common
+
+    def measured(*rounds):
+        return common.Measured(timing.spread(list(rounds)))
+
+    lines = common.report_checks([
+        ("above", {"a": measured(1.2, 1.3, 1.4, 1.5, 1.6), "b": 1.1}, 1.0),
+        ("straddles", {"a": measured(0.9, 0.95, 1.0, 1.05, 1.1)}, 1.0),
+        ("one below", {"a": measured(1.2, 1.3, 1.4, 1.5, 1.6), "b": 0.9}, 1.0),
+        ("memory", {"a": 0.5}, 0.7, "at_most"),
+        ("not measured", {}, 1.0),
+    ])
+    assert [line.split("  ")[0] for line in lines] == [
+        "PASS", "within noise", "FAIL", "PASS", "SKIP"]
+    assert "IQR 0.95-1.05, 5 rounds" in lines[1]
+    assert capsys.readouterr().out.splitlines() == lines

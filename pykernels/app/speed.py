@@ -1,59 +1,42 @@
 """Side-by-side timings for the demo: each fused op and one training step against eager
 PyTorch (and torch.compile of it on GPU), measured in the same run.
 
-The variants of one comparison are timed in interleaved rounds (a block of calls of
-each in turn, each block's per-call time one sample), so that a machine whose load
-changes during the run slows them alike; the result is the median sample. Every call
-takes the next of a few fresh random input sets (never zeros, never one fixed input).
-The demo's numbers are a summary; ``python -m pykernels bench`` is the full benchmark.
+The variants of one comparison are timed in interleaved rounds (``timing.py``: a block of
+calls of each in turn, each block's per-call time one sample); a row reports the median
+of the rounds and, for each speed-up, the median and interquartile range of the per-round
+ratios, and with a target the verdict that spread allows. Every call takes the next of a
+few fresh random input sets (never zeros, never one fixed input). The demo's numbers are
+a summary; ``python -m pykernels bench`` is the full benchmark.
 """
 
 import itertools
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-from .ops.attention import scaled_dot_product_attention
-from .ops.cross_entropy import cross_entropy, linear_cross_entropy
-from .ops.linear_act import linear_act
+from ..ops.attention import scaled_dot_product_attention
+from ..ops.cross_entropy import cross_entropy, linear_cross_entropy
+from ..ops.linear_act import linear_act
+from . import timing
 
 INPUT_SETS = 3
 
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_ms(variants, device, rounds=5, block_s=0.05, budget_s=None):
-    """({name: median ms per call} of the zero-argument callables in ``variants``, the
-    rounds run): ``rounds`` of them, fewer (at least one) once ``budget_s`` has passed,
-    so that a busy machine cannot stretch the demo without bound (warm-up and compilation
-    do not count against it)."""
+def time_variants(variants, device, rounds, block_s, budget_s=None):
+    """{name: per-call seconds of each round} of the zero-argument callables in
+    ``variants``; each block of calls lasts about ``block_s`` (warm-up and compilation come
+    first and do not count against ``budget_s``)."""
+    sync = timing.sync_for(device)
     calls = {}
     for name, call in variants.items():
         call()  # warm up (and compile)
-        _sync(device)
+        sync()
         t0 = time.perf_counter()
         call()
-        _sync(device)
+        sync()
         calls[name] = max(1, int(block_s / max(time.perf_counter() - t0, 1e-6)))
-    samples = {name: [] for name in variants}
-    start = time.perf_counter()
-    for _ in range(rounds):
-        for name, call in variants.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(calls[name]):
-                call()
-            _sync(device)
-            samples[name].append((time.perf_counter() - t0) / calls[name])
-        if budget_s is not None and time.perf_counter() - start > budget_s:
-            break
-    done = len(next(iter(samples.values())))
-    return {name: statistics.median(s) * 1e3 for name, s in samples.items()}, done
+    return timing.interleaved(variants, rounds, repeats=calls, sync=sync, budget_s=budget_s)
 
 
 def _fwd_bwd(fn, make_inputs, scalar):
@@ -107,10 +90,11 @@ def op_cases(sizes, device, dtype, backend):
            lambda: tuple(randn(b, h, length, e) for _ in range(3)), False)
 
 
-def time_ops(sizes, device, dtype, backend, rounds, budget_s=None, out=print):
+def time_ops(sizes, device, dtype, backend, timing_args, target=None, out=print):
     """Rows {op, shape, fused_ms, eager_ms[, compile_ms], speedup...} for every op,
     forward + backward; torch.compile of the eager composition on GPU only (on CPU its
-    compile time would not fit the demo's budget)."""
+    compile time would not fit the demo's budget). ``timing_args``: time_variants'
+    rounds, block_s and budget_s; ``target``: the speed-up vs eager each row is judged by."""
     results = []
     for op, shape, fused, eager, make_inputs, scalar in op_cases(sizes, device, dtype,
                                                                  backend):
@@ -119,26 +103,38 @@ def time_ops(sizes, device, dtype, backend, rounds, budget_s=None, out=print):
         if torch.device(device).type == "cuda":
             variants["compile"] = _fwd_bwd(torch.compile(eager, dynamic=False), make_inputs,
                                            scalar)
-        results.append(_row(op, shape, *median_ms(variants, device, rounds,
-                                                   budget_s=budget_s), out))
+        results.append(_row(op, shape, time_variants(variants, device, **timing_args),
+                            target, out))
     return results
 
 
-def _row(op, shape, ms, rounds, out):
+def _row(op, shape, samples, target, out):
+    """The row of one comparison (JSON-ready), printed as one line."""
+    ms = {name: timing.spread(s).scaled(1e3) for name, s in samples.items()}
+    rounds = ms["fused"].rounds
     row = {"op": op, "shape": shape, "rounds": rounds,
-           **{f"{name}_ms": t for name, t in ms.items()}}
+           **{f"{name}_ms": t.median for name, t in ms.items()},
+           **{f"{name}_ms_iqr": [t.lo, t.hi] for name, t in ms.items()}}
+    ratios = []
     for base in ("eager", "compile"):
-        if base in ms:
-            row[f"speedup_vs_{base}"] = ms[base] / ms["fused"]
-    ratios = ", ".join(f"{row[f'speedup_vs_{b}']:.2f}x vs {b}" for b in ("eager", "compile")
-                       if f"speedup_vs_{b}" in row)
-    times = "  ".join(f"{name} {t:8.3f} ms" for name, t in ms.items())
-    out(f"{op:22s} {shape:18s} {times}  fused: {ratios}  ({rounds} round{'s' * (rounds != 1)})")
+        if base in samples:
+            speedup = timing.ratio(samples[base], samples["fused"])
+            row[f"speedup_vs_{base}"] = speedup.median
+            row[f"speedup_vs_{base}_iqr"] = [speedup.lo, speedup.hi]
+            ratios.append(f"{speedup.median:.2f}x vs {base} "
+                          f"(IQR {speedup.lo:.2f}-{speedup.hi:.2f})")
+            if base == "eager" and target is not None:
+                row["target"] = target
+                row["verdict"] = timing.verdict(speedup, target)
+                ratios[-1] += f" {row['verdict']}"
+    times = "  ".join(f"{name} {t.median:8.3f} ms" for name, t in ms.items())
+    out(f"{op:22s} {shape:18s} {times}  fused: {', '.join(ratios)}  "
+        f"({rounds} round{'s' * (rounds != 1)})")
     return row
 
 
-def time_train_steps(models, make_batch, device, rounds, budget_s=None, autocast_dtype=None,
-                     out=print, label="train step"):
+def time_train_steps(models, make_batch, device, timing_args, target=None,
+                     autocast_dtype=None, out=print, label="train step"):
     """One AdamW training step (forward, backward, update) of each model in ``models``
     ({"fused": ..., "eager": ...[, "compile": ...]}), side by side on the same batches."""
     batches = [make_batch() for _ in range(INPUT_SETS)]
@@ -159,7 +155,7 @@ def time_train_steps(models, make_batch, device, rounds, budget_s=None, autocast
 
         return call
 
-    ms, done = median_ms({name: stepper(model) for name, model in models.items()}, device,
-                         rounds, budget_s=budget_s)
+    samples = time_variants({name: stepper(model) for name, model in models.items()}, device,
+                            **timing_args)
     shape = "x".join(map(str, batches[0][0].shape))
-    return _row(label, shape, ms, done, out)
+    return _row(label, shape, samples, target, out)

@@ -4,13 +4,13 @@ import warnings
 
 import torch
 
-from . import reference
-from .activations import ACTIVATIONS
-from .backends import backends, supports
-from .ops import attention
-from .ops.cross_entropy import cross_entropy, linear_cross_entropy
-from .ops.linear_act import linear_act
-from .testing import within_low_precision_rule
+from .. import reference
+from ..activations import ACTIVATIONS
+from ..backends import backends, supports
+from ..ops import attention
+from ..ops.cross_entropy import cross_entropy, linear_cross_entropy
+from ..ops.linear_act import linear_act
+from ..testing import within_low_precision_rule
 
 # cross-entropy variants: PyTorch's options alone, then with every extra at once.
 _CE_OPTIONS = {
