@@ -3,6 +3,8 @@
 reference, the low-precision rule in float32, gradcheck, torch.library's opcheck, and wrong
 arguments raising an error that names the argument."""
 
+import attention_cases
+import cross_entropy_cases
 import linear_act_cases
 import linear_glu_cases
 import pytest
@@ -10,12 +12,16 @@ import torch
 from checks import assert_float64_matches, assert_low_precision_rule, params
 from torch.library import opcheck
 
-FAMILIES = {"linear_act": linear_act_cases, "linear_glu": linear_glu_cases}
+FAMILIES = {"linear_act": linear_act_cases, "linear_glu": linear_glu_cases,
+            "cross_entropy": cross_entropy_cases, "attention": attention_cases}
+
+
+CASES = {family: module.cases() for family, module in FAMILIES.items()}
 
 
 def all_cases(check):
-    return [p for family, module in FAMILIES.items()
-            for p in params(family, [c for c in module.cases() if check in c.checks])]
+    return [p for family, cases in CASES.items()
+            for p in params(family, [c for c in cases if check in c.checks])]
 
 
 def all_of(kind):
@@ -35,7 +41,8 @@ def test_float32_low_precision_rule(case):
 
 @pytest.mark.parametrize("case", all_cases("gradcheck"))
 def test_gradcheck_float64(case):
-    assert torch.autograd.gradcheck(case.ours, case.inputs())
+    torch.manual_seed(case.seed)
+    assert torch.autograd.gradcheck(case.ours, case.inputs(), **case.gradcheck)
 
 
 @pytest.mark.parametrize("check", all_of("opchecks"))
