@@ -80,7 +80,9 @@ export PYKERNELS_TEST_TIMEOUT=${PYKERNELS_TEST_TIMEOUT:-90}
 test_box=$([ "$smoke" = 1 ] && echo 70 || echo 230)
 test_box=$((test_box < $(left 150) ? test_box : $(left 150)))
 pids=()
-for file in $(grep -l "mark.cuda" tests/test_*.py); do
+# Test files sit in folders that mirror the package (tests/ops, tests/nn, ...); their base
+# names are unique, so each names its log prefix and junit file.
+for file in $(grep -rl --include="test_*.py" "mark.cuda" tests | sort); do
   name=$(basename "$file" .py)
   selection=("$file")
   if [ "$smoke" = 1 ]; then  # the file's first cuda-marked test

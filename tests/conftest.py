@@ -7,6 +7,8 @@ variable must be set before anything imports triton, so it is set here, first.
 import itertools
 import os
 import signal
+import sys
+from pathlib import Path
 
 import torch
 
@@ -14,6 +16,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+# The op families' inputs and references (tests/ops/<family>_cases.py, checks.py) serve the
+# module and model tests too, whichever folder pytest collects first.
+sys.path.insert(0, str(Path(__file__).parent / "ops"))
 
 import pykernels  # noqa: E402
 

@@ -15,7 +15,7 @@ import torch
 import pykernels
 from pykernels.app import timing
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(*args, cwd=ROOT):

@@ -1,4 +1,5 @@
-"""pykernels.linear_act: every backend against plain PyTorch (float64 references)."""
+"""pykernels.linear_act: what is particular to it (the generic checks of every op family run
+its cases in test_ops_generic.py, from linear_act_cases.py)."""
 
 import os
 import subprocess
@@ -6,8 +7,9 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
+from checks import assert_low_precision_rule
 from conftest import cpu_kernel_backends, gpu_kernel_backends
+from linear_act_cases import case, make_inputs, torch_reference
 from torch.library import opcheck
 
 import pykernels
@@ -15,29 +17,6 @@ from pykernels.activations import ACTIVATIONS, activation_id
 from pykernels.testing import assert_low_precision_close, max_abs_error
 
 CPU_BACKENDS = cpu_kernel_backends()
-
-
-def torch_reference(x, w, b, activation, negative_slope=0.01):
-    """Independent of pykernels: straight torch.nn.functional."""
-    z = F.linear(x, w, b)
-    return {
-        "none": lambda: z,
-        "relu": lambda: F.relu(z),
-        "gelu": lambda: F.gelu(z),
-        "gelu_tanh": lambda: F.gelu(z, approximate="tanh"),
-        "silu": lambda: F.silu(z),
-        "sigmoid": lambda: torch.sigmoid(z),
-        "tanh": lambda: torch.tanh(z),
-        "leaky_relu": lambda: F.leaky_relu(z, negative_slope),
-    }[activation]()
-
-
-def make_inputs(lead, k, n, bias, dtype=torch.float64, device="cpu", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*lead, k, generator=g, dtype=torch.float64)
-    w = torch.randn(n, k, generator=g, dtype=torch.float64) / k**0.5
-    b = torch.randn(n, generator=g, dtype=torch.float64) if bias else None
-    return [None if t is None else t.to(device, dtype).requires_grad_() for t in (x, w, b)]
 
 
 def forward_and_grads(fn, x, w, b, grad_out):
@@ -60,61 +39,16 @@ def assert_matches_reference(backend, activation, x, w, b, grad_out, tol,
     return ours
 
 
-def float32_against_float64(activation, exact, grad_out, backend="cpu"):
-    """linear_act on float32 copies of `exact` vs plain float32 torch, both vs float64."""
-    low = [None if t is None else t.detach().float().requires_grad_() for t in exact]
-    ours = forward_and_grads(
-        lambda x, w, b: pykernels.linear_act(x, w, b, activation, backend=backend), *low,
-        grad_out.float())
-    plain = forward_and_grads(lambda x, w, b: torch_reference(x, w, b, activation), *low,
-                              grad_out.float())
-    ref = forward_and_grads(lambda x, w, b: torch_reference(x, w, b, activation), *exact,
-                            grad_out)
-    names = ["out", "grad_input", "grad_weight", "grad_bias"][:len(ref)]
-    for name, a, p, e in zip(names, ours, plain, ref, strict=True):
-        assert a.dtype == torch.float32 and a.shape == e.shape
-        assert_low_precision_close(a, p, e, name=name)
+def float32_rule(activation, exact, backend="cpu"):
+    """linear_act on float32 copies of ``exact`` (x, w, b or None) vs plain float32 torch,
+    both vs float64 (the generic rule of checks.py)."""
+    assert_low_precision_rule(case(activation, backend, activation,
+                                   lambda: tuple(t for t in exact if t is not None)))
 
 
 def test_cpu_backend_is_built_and_listed():
     assert "cpu" in pykernels.backends("cpu")
     assert "torch" in pykernels.backends()
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("lead", [(), (3,), (2, 3)], ids=["1d", "2d", "3d"])
-def test_gradcheck_float64(backend, activation, bias, lead):
-    x, w, b = make_inputs(lead, 7, 5, bias)
-    inputs = (x, w, b) if bias else (x, w)
-
-    def fn(*args):
-        return pykernels.linear_act(args[0], args[1], args[2] if bias else None, activation,
-                                    backend=backend)
-
-    assert torch.autograd.gradcheck(fn, inputs)
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("shape", [(1, 1, 1), (17, 33, 9), (97, 65, 31), (4, 128, 96)],
-                         ids=lambda s: "x".join(map(str, s)))
-def test_float32_matches_float64_reference(backend, activation, shape):
-    m, k, n = shape
-    exact = make_inputs((m,), k, n, True, seed=m)
-    float32_against_float64(activation, exact, torch.randn(m, n, dtype=torch.float64),
-                            backend)
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("negative_slope", [0.0, 0.2, -0.3, 1.5])
-def test_leaky_relu_slopes(backend, negative_slope):
-    # slope < 0 switches the saved tensor from the output to the pre-activation.
-    x, w, b = make_inputs((11,), 6, 4, True)
-    grad_out = torch.randn(11, 4, dtype=torch.float64)
-    assert_matches_reference(backend, "leaky_relu", x, w, b, grad_out, 1e-12,
-                             negative_slope=negative_slope)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -142,19 +76,6 @@ def test_nan_propagates_like_torch(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_non_contiguous_input_and_weight(backend):
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(13, 2, 9, generator=g, dtype=torch.float64).transpose(0, 2)  # (9, 2, 13)
-    w = torch.randn(13, 7, generator=g, dtype=torch.float64).t()  # (7, 13), transposed
-    b = torch.randn(14, generator=g, dtype=torch.float64)[::2]  # stride 2
-    assert not x.is_contiguous() and not w.is_contiguous() and not b.is_contiguous()
-    for t in (x, w, b):
-        t.requires_grad_()
-    grad_out = torch.randn(9, 2, 7, dtype=torch.float64)
-    assert_matches_reference(backend, "gelu", x, w, b, grad_out, 1e-10)
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("lead", [(0,), (2, 0), (0, 3)])
 def test_zero_rows(backend, lead):
     x, w, b = make_inputs(lead, 5, 4, True)
@@ -163,15 +84,6 @@ def test_zero_rows(backend, lead):
     gx, gw, gb = torch.autograd.grad(out.sum(), (x, w, b))
     assert gx.shape == x.shape
     assert torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros_like(b))
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("k, n", [(0, 4), (5, 0)], ids=["no_in_features", "no_out_features"])
-def test_empty_feature_dims(backend, k, n):
-    # K = 0: the product is empty, so out = act(bias); N = 0: an empty output.
-    x, w, b = make_inputs((3, 2), k, n, True)
-    grad_out = torch.randn(3, 2, n, dtype=torch.float64)
-    assert_matches_reference(backend, "sigmoid", x, w, b, grad_out, 1e-12)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -214,7 +126,7 @@ GEMM_SHAPES = [(2053, 700, 1100), (2050, 300, 2200)]
 def test_cpu_gemm_sizes_match_float64_reference(activation, shape):
     m, k, n = shape
     exact = make_inputs((m,), k, n, True, seed=k)
-    float32_against_float64(activation, exact, torch.randn(m, n, dtype=torch.float64))
+    float32_rule(activation, exact)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -224,7 +136,7 @@ def test_cpu_gemm_strided_operands(bias):
     w = torch.randn(700, 1100, generator=g, dtype=torch.float64).t() / 700**0.5  # (1100, 700)
     b = torch.randn(2200, generator=g, dtype=torch.float64)[::2] if bias else None
     exact = [None if t is None else t.requires_grad_() for t in (x, w, b)]
-    float32_against_float64("gelu", exact, torch.randn(2053, 1100, dtype=torch.float64))
+    float32_rule("gelu", exact)
 
 
 @pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -260,22 +172,7 @@ def test_cpu_fallbacks_below_avx512(capability):
     assert "\n8 passed" in result.stdout  # 2 shapes x (gelu, gelu_tanh, relu, leaky_relu)
 
 
-# ---- registration: opcheck, torch.compile ----------------------------------------------
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("activation", ["none", "relu", "gelu", "leaky_relu"])
-@pytest.mark.parametrize("bias", [True, False])
-def test_opcheck(backend, activation, bias):
-    x, w, b = make_inputs((5,), 7, 3, bias, dtype=torch.float32)
-    act, slope = activation_id(activation), 0.01
-    save_preact = activation in ("gelu", "leaky_relu")
-    opcheck(torch.ops.pykernels.linear_act_forward, (x, w, b, act, slope, save_preact,
-                                                     backend))
-    saved = torch.randn(5, 3)
-    opcheck(torch.ops.pykernels.linear_act_backward,
-            (torch.randn(5, 3), x.detach(), w.detach(), saved, act, slope, not save_preact,
-             bias, True, True, backend))
-
+# ---- registration: torch.compile (opcheck: test_ops_generic.py) ---------------------------
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_torch_compile_fullgraph_function_and_module(backend):
@@ -335,102 +232,7 @@ def test_float64_auto_and_half_on_cpu():
     torch.testing.assert_close(out, torch_reference(xh, wh, None, "relu"))
 
 
-# ---- module -----------------------------------------------------------------------------
-
-def test_module_state_dict_round_trip_and_init():
-    torch.manual_seed(7)
-    ours = pykernels.nn.Linear(9, 4, activation="relu")
-    torch.manual_seed(7)
-    plain = torch.nn.Linear(9, 4)
-    assert list(ours.state_dict()) == list(plain.state_dict()) == ["weight", "bias"]
-    for key, value in plain.state_dict().items():
-        assert torch.equal(ours.state_dict()[key], value)  # same init under the same seed
-    other = torch.nn.Linear(9, 4)
-    ours.load_state_dict(other.state_dict())
-    x = torch.randn(5, 9)
-    torch.testing.assert_close(ours(x), F.relu(other(x)))
-    back = torch.nn.Linear(9, 4)
-    back.load_state_dict(ours.state_dict())
-    assert torch.equal(back.weight, other.weight)
-    no_bias = pykernels.nn.Linear(9, 4, bias=False, activation="gelu")
-    assert no_bias.bias is None and list(no_bias.state_dict()) == ["weight"]
-    assert "activation=gelu" in repr(no_bias)
-
-
-def test_module_from_torch_shares_parameters():
-    plain = torch.nn.Linear(6, 3, dtype=torch.float64)
-    fused = pykernels.nn.Linear.from_torch(plain, activation="leaky_relu", negative_slope=0.1)
-    assert fused.weight is plain.weight and fused.bias is plain.bias
-    x = torch.randn(4, 6, dtype=torch.float64)
-    fused(x).sum().backward()
-    ref = F.leaky_relu(F.linear(x, plain.weight.detach(), plain.bias.detach()), 0.1)
-    torch.testing.assert_close(fused(x), ref)
-    assert plain.weight.grad is not None
-    with pytest.raises(TypeError, match="linear"):
-        pykernels.nn.Linear.from_torch(torch.nn.ReLU())
-    with pytest.raises(ValueError, match="activation"):
-        pykernels.nn.Linear(3, 3, activation="swish")
-
-
 # ---- bad input --------------------------------------------------------------------------
-
-@pytest.mark.parametrize("case, error, pattern", [
-    ("mixed_dtype", TypeError, "weight has dtype"),
-    ("bias_dtype", TypeError, "bias has dtype"),
-    ("mixed_device", ValueError, "weight is on meta"),
-    ("in_features", ValueError, r"input.shape\[-1\] must equal weight.shape\[1\]"),
-    ("bias_shape", ValueError, r"bias must have shape \(4,\)"),
-    ("weight_1d", ValueError, "weight must be 2-D"),
-    ("weight_3d", ValueError, "weight must be 2-D"),
-    ("int_input", TypeError, "input must be a floating-point tensor"),
-    ("int_weight", TypeError, "weight must be a floating-point tensor"),
-    ("not_tensor", TypeError, "input must be a torch.Tensor"),
-    ("activation", ValueError, "activation must be one of"),
-    ("backend_name", ValueError, "backend must be one of"),
-    ("backend_unavailable", RuntimeError, "backend 'cuda' is not available for cpu tensors"),
-    ("backend_dtype", TypeError, "backend 'cpu' on cpu supports dtypes float32, float64"),
-    ("slope", TypeError, "negative_slope must be a real number"),
-    ("scalar_input", ValueError, "input.shape"),
-])
-def test_bad_input(case, error, pattern):
-    x, w, b = torch.randn(2, 3), torch.randn(4, 3), torch.randn(4)
-    args, kwargs = [x, w, b, "relu"], {}
-    if case == "mixed_dtype":
-        args[1] = w.double()
-    elif case == "bias_dtype":
-        args[2] = b.double()
-    elif case == "mixed_device":
-        args[1] = w.to("meta")
-    elif case == "in_features":
-        args[1] = torch.randn(4, 5)
-    elif case == "bias_shape":
-        args[2] = torch.randn(5)
-    elif case == "weight_1d":
-        args[1] = torch.randn(3)
-    elif case == "weight_3d":
-        args[1] = torch.randn(1, 4, 3)
-    elif case == "int_input":
-        args[0] = torch.ones(2, 3, dtype=torch.int64)
-    elif case == "int_weight":
-        args[1] = torch.ones(4, 3, dtype=torch.int32)
-    elif case == "not_tensor":
-        args[0] = [[1.0, 2.0, 3.0]]
-    elif case == "activation":
-        args[3] = "swish"
-    elif case == "backend_name":
-        kwargs["backend"] = "cudnn"
-    elif case == "backend_unavailable":
-        kwargs["backend"] = "cuda"
-    elif case == "backend_dtype":
-        args = [x.half(), w.half(), b.half(), "relu"]
-        kwargs["backend"] = "cpu"
-    elif case == "slope":
-        kwargs["negative_slope"] = "0.1"
-    elif case == "scalar_input":
-        args[0] = torch.tensor(1.0)
-    with pytest.raises(error, match=pattern):
-        pykernels.linear_act(*args, **kwargs)
-
 
 def test_bad_backend_environment_and_context(monkeypatch):
     x, w = torch.randn(2, 3), torch.randn(4, 3)

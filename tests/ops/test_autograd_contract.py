@@ -11,10 +11,13 @@ OpInfo samples, the errors that stand where a result cannot be given, and the ed
 
 import math
 
+import linear_act_cases
+import linear_glu_cases
 import pytest
 import torch
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
+from attention_cases import make_qkv
 from conftest import cpu_kernel_backends
 
 import pykernels
@@ -37,8 +40,8 @@ def _randn(*shape, seed, scale=1.0, grad=True):
 
 def _linear_act(activation, bias=True):
     def inputs(seed):
-        return (_randn(2, 3, 5, seed=seed), _randn(4, 5, seed=seed + 1, scale=0.5),
-                *([_randn(4, seed=seed + 2)] if bias else []))
+        return tuple(t for t in linear_act_cases.make_inputs((2, 3), 5, 4, bias, seed=seed)
+                     if t is not None)
 
     def ours(backend):
         return lambda x, w, b=None: pykernels.linear_act(x, w, b, activation, backend=backend)
@@ -48,8 +51,7 @@ def _linear_act(activation, bias=True):
 
 def _linear_glu(activation):
     def inputs(seed):
-        return (_randn(2, 3, 5, seed=seed), _randn(8, 5, seed=seed + 1, scale=0.5),
-                _randn(8, seed=seed + 2))
+        return tuple(linear_glu_cases.make_inputs((2, 3), 5, 4, True, seed=seed))
 
     def ours(backend):
         return lambda x, w, b: pykernels.linear_glu(x, w, b, activation, backend=backend)
@@ -121,12 +123,11 @@ def _attention(kind):
                  if kind == "mask_window_softcap" else None)
 
     def inputs(seed):
-        if kind == "broadcast":  # a 3-D query against 4-D key/value (PyTorch's OpInfo)
-            return (_randn(2, 3, 4, seed=seed), _randn(2, 2, 4, 4, seed=seed + 1),
-                    _randn(2, 2, 4, 3, seed=seed + 2))
-        hkv = 1 if kind == "causal_gqa" else 2
-        qkv = (_randn(1, 2, 3, 4, seed=seed), _randn(1, hkv, 4, 4, seed=seed + 1),
-               _randn(1, hkv, 4, 3, seed=seed + 2))
+        # broadcast: a 3-D query against 4-D key/value (PyTorch's OpInfo)
+        lead_q, lead_kv = ((2,), (2, 2)) if kind == "broadcast" else (
+            (1, 2), (1, 1 if kind == "causal_gqa" else 2))
+        qkv = tuple(t.requires_grad_() for t in make_qkv(lead_q, lead_kv, 3, 4, 4, 3,
+                                                         seed=seed))
         # a differentiable additive mask, broadcast over the heads
         return (*qkv, _randn(1, 1, 3, 4, seed=seed + 3)) if kind == "float_mask" else qkv
 

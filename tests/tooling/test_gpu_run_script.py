@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu_run.sh"
 
 
@@ -59,7 +59,7 @@ def test_per_test_timeout_fails_a_slow_test(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider",
          "-p", "conftest", str(subject)],
-        cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=120)
+        cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stdout
     assert "timed out after 1 s (PYKERNELS_TEST_TIMEOUT)" in proc.stdout
     assert "1 failed" in proc.stdout

@@ -1,10 +1,10 @@
 """pykernels.scaled_dot_product_attention: every backend against plain PyTorch.
 
-References are independent of the kernels: torch.nn.functional.scaled_dot_product_attention for
-everything PyTorch defines (a sliding window goes to it as the equivalent explicit mask, built
-here), pykernels.reference for softcap, itself checked here against F and against the formula
-written out. Exact references are float64; float32 and the half types follow the low-precision
-rule of DESIGN.md section 4 (pykernels.testing).
+References are independent of the kernels: torch.nn.functional.scaled_dot_product_attention
+for everything PyTorch defines (a sliding window goes to it as the equivalent explicit mask,
+built in attention_cases.py), pykernels.reference for softcap, itself checked here against F
+and against the formula written out. Exact references are float64; float32 and the half
+types follow the low-precision rule of docs/ARCHITECTURE.md (pykernels.testing).
 
 Dropout: the op draws (seed, offset) from torch's default generator per call, and the keep mask
 D is a pure function of (seed, offset, z, h, i, j), shared by the cpu and triton backends
@@ -13,9 +13,10 @@ v = I (Ev = S) out[z, h, i, j] = D_ij / (S (1 - p)) (``keep_mask``). Same seed, 
 whatever q, k, v are: that gives exact statistics, the cpu/triton comparison, and the
 forward/backward check against the composition (softmax(s) * D / (1 - p)) @ v in plain torch.
 
-Triton runs on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py) and is slow there:
-its cases are small and few (every value of every option once, where the cpu backend gets
-every pair).
+Gradcheck, float64 and float32 against the references, opcheck and bad inputs are the
+generic checks of test_ops_generic.py, fed by attention_cases.py (which also holds the
+references); this file holds the rest. Triton runs on CPU tensors under TRITON_INTERPRET=1
+(tests/conftest.py) and is slow there: its cases are small and few.
 """
 
 import contextlib
@@ -26,13 +27,29 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import cpu_kernel_backends, gpu_kernel_backends, pairwise
+from attention_cases import (
+    COMMON,
+    COMPARE_CPU,
+    COMPARE_TRITON,
+    GRADCHECK_CPU,
+    GRADCHECK_TRITON,
+    case_id,
+    case_inputs,
+    expected_fn,
+    make_mask,
+    make_qkv,
+    ours_fn,
+    random_like,
+    spy_kernels,
+    torch_sdpa,
+    valid_case,
+    window_allowed,
+)
+from conftest import cpu_kernel_backends, gpu_kernel_backends
 from torch.library import opcheck
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import pykernels
 from pykernels import reference
-from pykernels.ops import attention as attn_ops
 from pykernels.testing import assert_low_precision_close
 
 CPU_BACKENDS = cpu_kernel_backends()
@@ -45,100 +62,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.i
 
 
 # ---- helpers ----------------------------------------------------------------------------
-
-def make_qkv(lead_q, lead_kv, L, S, E, Ev, *, dtype=torch.float64, device="cpu", seed=0,
-             scale=1.0):
-    """q (*lead_q, L, E), k (*lead_kv, S, E), v (*lead_kv, S, Ev): N(0, scale^2), drawn in
-    float64 and rounded to ``dtype``."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape):
-        return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(device, dtype)
-
-    return rand(*lead_q, L, E), rand(*lead_kv, S, E), rand(*lead_kv, S, Ev)
-
-
-MASK_KINDS = ["none", "bool", "float", "bool_head", "float_head", "key_padding"]
-
-
-def make_mask(kind, lead, L, S, *, dtype=torch.float64, device="cpu", seed=0):
-    """None ('none'); a broadcast (L, S) mask ('bool', 'float'); a full (*lead, L, S) one
-    ('bool_head', 'float_head'); or a bool key-padding mask (lead[0], 1, 1, S) (or (S,)) whose
-    batch entries keep fewer and fewer of the first keys. Bool masks keep ~70% of the scores;
-    float masks are N(0, 2^2) with ~10% -inf. Rows may end up fully masked (they must give 0)."""
-    if kind == "none":
-        return None
-    g = torch.Generator().manual_seed(seed)
-    if kind == "key_padding":
-        batch = lead[0] if len(lead) >= 2 else 1
-        keys = torch.arange(S)
-        mask = torch.stack([keys < max(1, S - (b + 1) * S // (batch + 2))
-                            for b in range(batch)])
-        mask = mask.view(batch, *([1] * (len(lead) - 1)), 1, S) if len(lead) >= 2 else mask[0]
-        return mask.to(device)
-    shape = (L, S) if kind in ("bool", "float") else (*lead, L, S)
-    if kind.startswith("bool"):
-        return (torch.rand(shape, generator=g) > 0.3).to(device)
-    mask = torch.randn(shape, generator=g, dtype=torch.float64) * 2
-    mask = mask.masked_fill(torch.rand(shape, generator=g) < 0.1, -INF)
-    return mask.to(device, dtype)
-
-
-def window_allowed(L, S, window, device="cpu"):
-    """(L, S) bool: query i may attend key j iff i - left <= j <= i + right (None: no bound)."""
-    left, right = window
-    offset = torch.arange(S, device=device)[None, :] - torch.arange(L, device=device)[:, None]
-    allowed = torch.ones(L, S, dtype=torch.bool, device=device)
-    if left is not None:
-        allowed &= offset >= -left
-    if right is not None:
-        allowed &= offset <= right
-    return allowed
-
-
-def torch_sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
-               window=None, dropout_p=0.0):
-    """F.scaled_dot_product_attention, a window handed over as the equivalent mask (with
-    is_causal folded into it: F takes either a mask or is_causal)."""
-    if window is not None:
-        L, S = q.shape[-2], k.shape[-2]
-        allowed = window_allowed(L, S, window, q.device)
-        if is_causal:
-            allowed &= torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
-            is_causal = False
-        if attn_mask is None:
-            attn_mask = allowed
-        elif attn_mask.dtype == torch.bool:
-            attn_mask = attn_mask & allowed
-        else:
-            attn_mask = attn_mask.masked_fill(~allowed, -INF)
-    # torch 2.13's fused CPU kernel returns NaN for is_causal with scale <= 0 when L > S;
-    # the math backend (the plain composition) is right.
-    math_only = scale is not None and scale <= 0
-    with sdpa_kernel(SDPBackend.MATH) if math_only else contextlib.nullcontext():
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                              dropout_p=dropout_p, is_causal=is_causal,
-                                              scale=scale, enable_gqa=enable_gqa)
-
-
-def expected_fn(opts):
-    """The independent reference of a call with options ``opts`` (no dropout): F where it
-    defines the case, pykernels.reference for softcap."""
-    opts = {k: v for k, v in opts.items() if k != "backend"}
-    if opts.get("softcap") is not None:
-        return lambda q, k, v: reference.scaled_dot_product_attention(q, k, v, **opts)
-    opts.pop("softcap", None)
-    return lambda q, k, v: torch_sdpa(q, k, v, **opts)
-
-
-def ours_fn(backend, opts):
-    return lambda q, k, v: pykernels.scaled_dot_product_attention(q, k, v, backend=backend,
-                                                                  **opts)
-
-
-def random_like(shape, seed=1, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=torch.float64).to(device)
 
 
 def out_and_grads(fn, q, k, v, grad_out):
@@ -169,75 +92,6 @@ def assert_rule(ours, plain, exact, what, factor=2.0):
 
 # ---- option combinations ----------------------------------------------------------------
 
-def _valid(case):
-    # F (and so the op) refuses is_causal together with an explicit mask.
-    return not (case["causal"] and case["mask"] != "none")
-
-
-def case_inputs(case, dtype=torch.float64, seed=0, device="cpu"):
-    """(q, k, v, options) of a case dict."""
-    L, S = case["lengths"]
-    hq, hkv = case["heads"]
-    E, Ev = case["dims"]
-    batch = case.get("batch", (2,))
-    q, k, v = make_qkv((*batch, hq), (*batch, hkv), L, S, E, Ev, dtype=dtype, device=device,
-                       seed=seed)
-    mask = make_mask(case["mask"], (*batch, hq), L, S, dtype=dtype, device=device,
-                     seed=seed + 1)
-    opts = dict(attn_mask=mask, is_causal=case["causal"], enable_gqa=hq != hkv,
-                window=case["window"], softcap=case["softcap"], scale=case.get("scale"))
-    return q, k, v, opts
-
-
-def case_id(case):
-    L, S = case["lengths"]
-    parts = [f"L{L}S{S}", "h{}x{}".format(*case["heads"]), "e{}x{}".format(*case["dims"]),
-             case["mask"]]
-    if case.get("batch", (2,)) != (2,):
-        parts.append("b" + "x".join(map(str, case["batch"])))
-    if case["causal"]:
-        parts.append("causal")
-    if case["window"] is not None:
-        parts.append("w{}_{}".format(*case["window"]))
-    if case["softcap"] is not None:
-        parts.append(f"cap{case['softcap']}")
-    if case.get("scale") is not None:
-        parts.append(f"scale{case['scale']}")
-    return "-".join(parts)
-
-
-COMMON = {
-    "mask": ["none", "bool", "float", "bool_head", "float_head"],
-    "causal": [False, True],
-    "heads": [(2, 2), (4, 2), (4, 1)],
-    "window": [None, (3, 0), (2, 5), (None, 3)],
-    "softcap": [None, 2.0],
-}
-# gradcheck: every pair of values for cpu (its 256-row tiles need L, S > 256 to meet); every
-# value once for triton (16-row tiles under the interpreter; the cheap lengths first).
-GRADCHECK_CPU = pairwise({"lengths": [(1, 17), (17, 17), (97, 33), (33, 97), (263, 300)],
-                          **COMMON, "dims": [(8, 8), (8, 5)]}, _valid)
-GRADCHECK_TRITON = pairwise({"lengths": [(17, 17), (1, 17), (23, 20), (97, 5)],
-                             **COMMON, "dims": [(8, 5), (4, 4)]}, _valid, strength=1)
-# float64 / float32 against the references: more values (key-padding masks, scale).
-COMPARE_CPU = pairwise({"lengths": [(1, 300), (97, 97), (257, 280), (300, 97)],
-                        **COMMON, "mask": MASK_KINDS, "dims": [(16, 16), (64, 40), (8, 96)],
-                        "scale": [None, 0.37]}, _valid)
-COMPARE_TRITON = pairwise({"lengths": [(17, 33), (1, 17), (40, 23), (97, 16)], **COMMON,
-                           "mask": MASK_KINDS, "dims": [(16, 16), (8, 24)],
-                           "scale": [None, -0.6]}, _valid, strength=1)
-
-
-def backend_cases(cpu_cases, triton_cases, batch_for_triton=(1,)):
-    params = []
-    for backend in CPU_BACKENDS:
-        for i, case in enumerate(triton_cases if backend == "triton" else cpu_cases):
-            if backend == "triton":
-                case = {**case, "batch": batch_for_triton}
-            params.append(pytest.param(backend, case, i, id=f"{backend}-{case_id(case)}"))
-    return params
-
-
 def test_backends_and_cases():
     assert "cpu" in CPU_BACKENDS
     if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton"):
@@ -247,24 +101,13 @@ def test_backends_and_cases():
             if name != "mask":
                 assert {repr(c[name]) for c in cases} == {repr(v) for v in values}, name
         assert {c["mask"] for c in cases} >= set(COMMON["mask"])
-        assert all(_valid(c) for c in cases)
+        assert all(valid_case(c) for c in cases)
     for cases in (GRADCHECK_CPU, GRADCHECK_TRITON):
         assert {1, 17, 97} <= {n for c in cases for n in c["lengths"]}  # the issue's lengths
         assert any(L != S for L, S in (c["lengths"] for c in cases))
         assert any(E != Ev for E, Ev in (c["dims"] for c in cases))
     # The triton sets stay small: the interpreter costs seconds per gradcheck.
     assert len(GRADCHECK_TRITON) <= 6 and len(COMPARE_TRITON) <= 7
-
-
-# ---- gradcheck and float64 / float32 against the references ------------------------------
-
-@pytest.mark.parametrize("backend, case, seed", backend_cases(GRADCHECK_CPU, GRADCHECK_TRITON))
-def test_gradcheck_float64(backend, case, seed):
-    torch.manual_seed(seed)  # gradcheck's fast mode draws its random directions
-    q, k, v, opts = case_inputs(case, seed=seed)
-    inputs = tuple(t.requires_grad_() for t in (q, k, v))
-    # Fast mode: random projections of the Jacobian (slow mode: the test below).
-    assert torch.autograd.gradcheck(ours_fn(backend, opts), inputs, fast_mode=True)
 
 
 @pytest.mark.parametrize("options", [dict(is_causal=True, enable_gqa=True),
@@ -279,33 +122,21 @@ def test_gradcheck_float64_full_jacobian(options):
     assert torch.autograd.gradcheck(ours_fn(backend, options), inputs)
 
 
-@pytest.mark.parametrize("backend, case, seed", backend_cases(COMPARE_CPU, COMPARE_TRITON))
-def test_float64_matches_torch(backend, case, seed):
-    q, k, v, opts = case_inputs(case, seed=seed + 100)
-    grad_out = random_like(q.shape[:-1] + v.shape[-1:], seed=seed)
-    ours = out_and_grads(ours_fn(backend, opts), q, k, v, grad_out)
-    exact = out_and_grads(expected_fn(opts), q, k, v, grad_out)
-    assert_all_close(ours, exact, f"{backend} {case_id(case)}")
-    if opts["softcap"] is None:  # the reference agrees with F where F defines the case
-        ref = out_and_grads(lambda q, k, v: reference.scaled_dot_product_attention(
-            q, k, v, **opts), q, k, v, grad_out)
-        assert_all_close(ref, exact, f"reference {case_id(case)}")
+# ---- the reference --------------------------------------------------------------------------
 
-
-# float32 under the interpreter: the first four triton cases (float64 above has them all).
-@pytest.mark.parametrize("backend, case, seed", backend_cases(COMPARE_CPU, COMPARE_TRITON[:4]))
-def test_float32_low_precision_rule(backend, case, seed):
-    q, k, v, opts = case_inputs(case, dtype=torch.float32, seed=seed + 200)
+@pytest.mark.parametrize("case, seed", [
+    pytest.param(case, i + 100, id=case_id(case)) for i, case in enumerate(COMPARE_CPU)
+    if case["softcap"] is None])
+def test_reference_equals_torch(case, seed):
+    """pykernels.reference agrees with F where F defines the case (test_ops_generic compares
+    every backend with F there, and with the reference for softcap)."""
+    q, k, v, opts = case_inputs(case, seed=seed)
     grad_out = random_like(q.shape[:-1] + v.shape[-1:], seed=seed)
-    mask = opts["attn_mask"]
-    exact_opts = {**opts, "attn_mask": mask if mask is None or mask.dtype == torch.bool
-                  else mask.double()}
-    ours = out_and_grads(ours_fn(backend, opts), q, k, v, grad_out)
-    plain = out_and_grads(expected_fn(opts), q, k, v, grad_out)
-    exact = out_and_grads(expected_fn(exact_opts), q.double(), k.double(), v.double(),
-                          grad_out)
-    assert ours[0].dtype == torch.float32
-    assert_rule(ours, plain, exact, f"{backend} {case_id(case)}")
+    ref = out_and_grads(lambda q, k, v: reference.scaled_dot_product_attention(
+        q, k, v, **opts), q, k, v, grad_out)
+    assert_all_close(ref, out_and_grads(expected_fn(opts), q, k, v, grad_out),
+                     f"reference {case_id(case)}")
+
 
 
 @pytest.mark.parametrize("lengths, heads, dims, options", [
@@ -315,7 +146,7 @@ def test_float32_low_precision_rule(backend, case, seed):
 ], ids=["1025-causal", "517x800-mqa-window-softcap", "777x333-gqa-float-mask"])
 def test_cpu_float32_larger_shapes(lengths, heads, dims, options):
     """Several 256-row tiles, bands that skip whole tiles, a 4-fold GQA sum (float32: the
-    rule of DESIGN.md section 4)."""
+    rule of docs/ARCHITECTURE.md)."""
     options = dict(options)
     L, S = lengths
     q, k, v = make_qkv((1, heads[0]), (1, heads[1]), L, S, *dims, dtype=torch.float32,
@@ -427,7 +258,7 @@ def test_non_contiguous_inputs(backend):
 @pytest.mark.parametrize("shape", [(0, 2, 5, 7), (2, 2, 0, 7), (2, 2, 5, 0)],
                          ids=["no_batch", "no_queries", "no_keys"])
 def test_empty_inputs(backend, shape):
-    """Empty tensors are valid (DESIGN.md section 7): no keys gives 0, like F."""
+    """Empty tensors are valid: no keys gives 0, like F."""
     Z, H, L, S = shape
     q, k, v = make_qkv((Z, H), (Z, H), L, S, 4, 3, seed=1)
     grad_out = random_like((Z, H, L, 3))
@@ -805,20 +636,8 @@ def test_only_requested_gradients_and_no_grad(backend):
     assert no_grad.grad_fn is None and torch.equal(no_grad, out.detach())
 
 
-def _spy_kernels(monkeypatch):
-    used = []
-    original = attn_ops._kernels
-
-    def spy(name):
-        used.append(name)
-        return original(name)
-
-    monkeypatch.setattr(attn_ops, "_kernels", spy)
-    return used
-
-
 def test_backend_selection(monkeypatch):
-    used = _spy_kernels(monkeypatch)
+    used = spy_kernels(monkeypatch)
     q, k, v = make_qkv((1, 2), (1, 2), 9, 9, 4, 4, seed=26)
     expected = F.scaled_dot_product_attention(q, k, v)
     for dtype in (torch.float64, torch.float32):
@@ -852,22 +671,29 @@ def test_torch_backend_differentiates_float_masks():
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_use_deterministic_bitwise_identical_backwards(backend):
+def test_repeated_backward_is_bitwise_identical(backend):
+    """Every backward sums in a fixed order: two runs give the same bits, with no switch."""
     Z, H, L, S = (2, 4, 300, 280) if backend == "cpu" else (1, 2, 33, 20)
     q, k, v = make_qkv((Z, H), (Z, H // 2), L, S, 16, 8, dtype=torch.float32, seed=28)
     grad_out = random_like((Z, H, L, 8), seed=28)
-    # Every backward is deterministic: the switch is a deprecated no-op that warns.
-    with pytest.warns(FutureWarning, match="already deterministic"):
-        with pykernels.use_deterministic():
-            pass
     runs = []
     for _ in range(2):
         torch.manual_seed(29)
         runs.append(out_and_grads(ours_fn(backend, dict(
-            enable_gqa=True, is_causal=True, dropout_p=0.1, softcap=5.0)), q, k, v,
-            grad_out))
+            enable_gqa=True, is_causal=True, dropout_p=0.1, softcap=5.0)), q, k, v, grad_out))
     for name, a, b in zip(NAMES, *runs, strict=True):
         assert torch.equal(a, b), f"{backend} {name} differs between two runs"
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_use_deterministic_is_a_deprecated_no_op(enabled):
+    """Used as before (a context manager), it warns; the results inside are the usual."""
+    q, k, v = make_qkv((1, 2), (1, 2), 9, 7, 8, 8, dtype=torch.float64, seed=3)
+    before = pykernels.scaled_dot_product_attention(q, k, v, backend="torch")
+    with pytest.warns(FutureWarning, match="already deterministic"):
+        with pykernels.use_deterministic(enabled):
+            inside = pykernels.scaled_dot_product_attention(q, k, v, backend="torch")
+    assert torch.equal(before, inside)
 
 
 def test_cpu_results_do_not_depend_on_the_thread_count():
@@ -892,57 +718,6 @@ def test_cpu_results_do_not_depend_on_the_thread_count():
 
 
 # ---- registration: opcheck, torch.compile ------------------------------------------------------
-
-def _op_inputs(backend, options, dtype=torch.float32, requires_grad=True, seed=32):
-    """Arguments of pykernels::attention_forward for 4-D inputs (Z, H, L, E)."""
-    gqa = options.get("gqa", False)
-    Z, H, L, S = (1, 2, 13, 18) if backend == "triton" else (2, 4, 37, 29)
-    q, k, v = make_qkv((Z, H), (Z, H // 2 if gqa else H), L, S, 8, 6, dtype=dtype, seed=seed)
-    for t in (q, k, v):
-        t.requires_grad_(requires_grad)
-    mask = None
-    if options.get("mask") == "bool":  # as the op layer passes it: 0 / -inf, broadcast view
-        allowed = make_mask("bool", (Z, H), L, S, seed=seed)
-        mask = torch.zeros((), dtype=dtype).masked_fill(~allowed, -INF).expand(Z, H, L, S)
-    elif options.get("mask") == "float":
-        mask = make_mask("float_head", (Z, H), L, S, dtype=dtype, seed=seed)
-    left, right = options.get("window", (-1, -1))
-    p = options.get("dropout_p", 0.0)
-    rng = torch.tensor([1234567, 89], dtype=torch.int64) if p > 0 else None
-    return (q, k, v, mask, 8**-0.5, options.get("causal", False), left, right,
-            options.get("softcap", 0.0), p, rng)
-
-
-OP_OPTIONS = {
-    "plain": dict(),
-    "bool_mask-window": dict(mask="bool", window=(5, 2)),
-    "causal-gqa-dropout": dict(causal=True, gqa=True, dropout_p=0.25),
-    "float_mask-softcap-window_left": dict(mask="float", softcap=3.0, window=(4, -1)),
-}
-
-
-def _op_params():
-    return [pytest.param(b, name, id=f"{b}-{name}") for b in CPU_BACKENDS
-            for name in (["causal-gqa-dropout"] if b == "triton" else OP_OPTIONS)]
-
-
-@pytest.mark.parametrize("backend, name", _op_params())
-def test_opcheck_attention_forward(backend, name):
-    args = _op_inputs(backend, OP_OPTIONS[name])
-    opcheck(torch.ops.pykernels.attention_forward, (*args, backend))
-    if backend == "cpu":
-        detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in args]
-        opcheck(torch.ops.pykernels.attention_forward, (*detached, backend))
-
-
-@pytest.mark.parametrize("backend, name", _op_params())
-def test_opcheck_attention_backward(backend, name):
-    args = _op_inputs(backend, OP_OPTIONS[name], requires_grad=False)
-    q, k, v, mask, *options = args
-    out, lse = torch.ops.pykernels.attention_forward(*args, backend)
-    grad_out = random_like(out.shape, seed=33).float()
-    opcheck(torch.ops.pykernels.attention_backward,
-            (grad_out, q, k, v, out, lse, mask, *options, backend))
 
 
 def _compile_case():
@@ -1002,137 +777,6 @@ def test_torch_compile_fullgraph_dropout():
     torch.testing.assert_close((out * grad_out).sum(), (dv * v).sum(), rtol=1e-12, atol=1e-12)
 
 
-# ---- bad input ---------------------------------------------------------------------------------
-
-ATTN_BAD = {
-    "query_not_tensor": (TypeError, "query must be a torch.Tensor"),
-    "int_query": (TypeError, "query must be a floating-point tensor"),
-    "int_value": (TypeError, "value must be a floating-point tensor"),
-    "query_1d": (ValueError, r"query must have shape \(..., length, features\)"),
-    "mixed_dtypes": (TypeError, "key has dtype torch.float64 but query has dtype torch.float32"),
-    "value_dtype": (TypeError, "value has dtype torch.float16 but query"),
-    "key_device": (ValueError, "key is on meta but query is on cpu"),
-    "value_device": (ValueError, "value is on meta but query is on cpu"),
-    "feature_mismatch": (ValueError, "key must have query's feature size E = 8"),
-    "no_features": (ValueError, "key must have query's feature size E = 0 >= 1"),
-    "value_length": (ValueError, "value must be .* with key's length S = 6"),
-    "batch_mismatch": (ValueError, "the batch dims of query .* do not broadcast"),
-    "kv_heads_differ": (ValueError, "key and value must have the same number of heads, got 2 "
-                                    "and 4"),
-    "heads_without_gqa": (ValueError, "query has 4 heads but key/value have 2; pass "
-                                      "enable_gqa=True"),
-    "gqa_not_divisible": (ValueError, r"enable_gqa needs the query heads \(4\) to be a "
-                                      r"multiple of the key/value heads \(3\)"),
-    "gqa_no_kv_heads": (ValueError, r"enable_gqa needs the query heads \(4\)"),
-    "mask_not_tensor": (TypeError, "attn_mask must be a torch.Tensor"),
-    "mask_int": (TypeError, "attn_mask must be bool or query's dtype torch.float32, got "
-                            "torch.int64"),
-    "mask_other_float": (TypeError, "attn_mask must be bool or query's dtype torch.float32, "
-                                    "got torch.float64"),
-    "mask_not_broadcast": (ValueError, r"attn_mask of shape \(5, 5\) does not broadcast to "
-                                       r"\(..., L, S\) = \(2, 4, 5, 6\)"),
-    "mask_extra_dim": (ValueError, r"attn_mask of shape \(3, 2, 4, 5, 6\) does not broadcast"),
-    "mask_device": (ValueError, "attn_mask is on meta but query is on cpu"),
-    "causal_with_mask": (ValueError, "pass either attn_mask or is_causal=True, not both"),
-    "dropout_negative": (ValueError, r"dropout_p must be in \[0.0, 1.0\), got -0.1"),
-    "dropout_one": (ValueError, r"dropout_p must be in \[0.0, 1.0\), got 1.0"),
-    "dropout_nan": (ValueError, r"dropout_p must be in \[0.0, 1.0\), got nan"),
-    "dropout_bool": (TypeError, "dropout_p must be a real number, got True"),
-    "dropout_str": (TypeError, "dropout_p must be a real number, got '0.1'"),
-    "scale_nan": (ValueError, "scale must be a finite number, got nan"),
-    "scale_str": (TypeError, "scale must be a real number, got '0.5'"),
-    "window_negative": (ValueError, "window left must be an int >= 0, got -1"),
-    "window_right_negative": (ValueError, "window right must be an int >= 0, got -2"),
-    "window_length": (ValueError, r"window must be a \(left, right\) pair, got \(1, 2, 3\)"),
-    "window_int": (TypeError, r"window must be a \(left, right\) pair, got 3"),
-    "window_float": (TypeError, "window left must be an int, got 1.5"),
-    "window_bool": (TypeError, "window right must be an int, got True"),
-    "softcap_zero": (ValueError, r"softcap must be finite and in \(0.0, inf\), got 0.0"),
-    "softcap_negative": (ValueError, r"softcap must be finite and in \(0.0, inf\), got -1"),
-    "softcap_inf": (ValueError, r"softcap must be finite and in \(0.0, inf\), got inf"),
-    "softcap_below_float32_triton": (ValueError, r"backend 'triton' takes softcap in "
-                                                 r"\[1.17549e-38, 3.40282e\+38\], got 1e-40"),
-    "head_dim_512_triton": (ValueError, "backend 'triton' supports head dims up to 256, got "
-                                        "512; use backend 'cpu' or 'torch'"),
-    "value_dim_300_triton": (ValueError, "backend 'triton' supports head dims up to 256, got "
-                                         "300"),
-    "backend_unknown": (ValueError, "backend must be one of"),
-    "backend_unavailable": (RuntimeError, "backend 'cuda' is not available for cpu tensors"),
-    "backend_dtype": (TypeError, "backend 'cpu' on cpu supports dtypes float32, float64"),
-}
-
-
-@pytest.mark.parametrize("case", list(ATTN_BAD))
-def test_bad_input(monkeypatch, case):
-    """Each bad input raises a clear error naming the argument, before any kernel runs."""
-    error, pattern = ATTN_BAD[case]
-    if case.endswith("_triton") and not HAS_TRITON:
-        pytest.skip("needs the Triton interpreter")
-
-    def kernel_ran(name):
-        raise AssertionError(f"the {name} kernels ran before the arguments were checked")
-
-    monkeypatch.setattr(attn_ops, "_kernels", kernel_ran)
-    q, k, v = make_qkv((2, 4), (2, 4), 5, 6, 8, 8, dtype=torch.float32)
-    args, kwargs = [q, k, v], {"backend": "cpu"}
-    replace = {
-        "query_not_tensor": (0, q.tolist()), "int_query": (0, q.long()),
-        "int_value": (2, v.int()), "query_1d": (0, q[0, 0, 0]),
-        "mixed_dtypes": (1, k.double()), "value_dtype": (2, v.half()),
-        "key_device": (1, k.to("meta")), "value_device": (2, v.to("meta")),
-        "feature_mismatch": (1, k[..., :7]),
-        "batch_mismatch": (1, torch.cat([k, k[:1]])), "kv_heads_differ": (1, k[:, :2]),
-        "value_length": (2, v[:, :, :5]),
-    }
-    if case in replace:
-        i, value = replace[case]
-        args[i] = value
-    elif case == "no_features":
-        args = [q[..., :0], k[..., :0], v]
-    elif case in ("heads_without_gqa", "gqa_not_divisible", "gqa_no_kv_heads"):
-        heads = {"heads_without_gqa": 2, "gqa_not_divisible": 3, "gqa_no_kv_heads": 0}[case]
-        args[1], args[2] = k[:, :heads], v[:, :heads]
-        kwargs["enable_gqa"] = case != "heads_without_gqa"
-    elif case.startswith("mask") or case == "causal_with_mask":
-        kwargs["attn_mask"] = {
-            "mask_not_tensor": [[True] * 6] * 5, "mask_int": torch.ones(5, 6, dtype=torch.long),
-            "mask_other_float": torch.zeros(5, 6, dtype=torch.float64),
-            "mask_not_broadcast": torch.ones(5, 5, dtype=torch.bool),
-            "mask_extra_dim": torch.ones(3, 2, 4, 5, 6, dtype=torch.bool),
-            "mask_device": torch.ones(5, 6, dtype=torch.bool, device="meta"),
-            "causal_with_mask": torch.ones(5, 6, dtype=torch.bool),
-        }[case]
-        kwargs["is_causal"] = case == "causal_with_mask"
-    elif case.startswith("dropout"):
-        kwargs["dropout_p"] = {"negative": -0.1, "one": 1.0, "nan": float("nan"),
-                               "bool": True, "str": "0.1"}[case.split("_")[1]]
-    elif case.startswith("scale"):
-        kwargs["scale"] = {"scale_nan": float("nan"), "scale_str": "0.5"}[case]
-    elif case.startswith("window"):
-        kwargs["window"] = {"window_negative": (-1, 0), "window_right_negative": (0, -2),
-                            "window_length": (1, 2, 3), "window_int": 3,
-                            "window_float": (1.5, 0), "window_bool": (0, True)}[case]
-    elif case == "softcap_below_float32_triton":
-        args = [t.double() for t in args]
-        kwargs.update(softcap=1e-40, backend="triton")
-    elif case.startswith("softcap"):
-        kwargs["softcap"] = {"softcap_zero": 0.0, "softcap_negative": -1,
-                             "softcap_inf": INF}[case]
-    elif case == "head_dim_512_triton":
-        args = list(make_qkv((1, 1), (1, 1), 3, 3, 512, 16, dtype=torch.float32))
-        kwargs["backend"] = "triton"
-    elif case == "value_dim_300_triton":
-        args = list(make_qkv((1, 1), (1, 1), 3, 3, 16, 300, dtype=torch.float32))
-        kwargs["backend"] = "triton"
-    elif case == "backend_unknown":
-        kwargs["backend"] = "flash"
-    elif case == "backend_unavailable":
-        kwargs["backend"] = "cuda"
-    elif case == "backend_dtype":
-        args = [t.half() for t in args]
-    with pytest.raises(error, match=pattern):
-        pykernels.scaled_dot_product_attention(*args, **kwargs)
-
 
 def test_mask_not_broadcasting_as_in_torch():
     """The shapes the op refuses, F refuses too (and the other way round)."""
@@ -1149,173 +793,6 @@ def test_mask_not_broadcasting_as_in_torch():
         if not ok:
             with pytest.raises(RuntimeError):
                 F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
-# ---- pykernels.nn.MultiheadAttention -----------------------------------------------------------
-
-def _mha_pair(seed=50, dtype=torch.float64, **kwargs):
-    """(ours, torch's) MultiheadAttention with one state_dict (ours drawn, torch's loaded)."""
-    torch.manual_seed(seed)
-    ours = pykernels.nn.MultiheadAttention(12, 3, dtype=dtype, **kwargs)
-    plain = torch.nn.MultiheadAttention(12, 3, dtype=dtype, **kwargs)
-    plain.load_state_dict(ours.state_dict())
-    return ours, plain
-
-
-def _mha_inputs(batch_first, kdim=12, vdim=12, L=7, S=9, N=2, seed=51, unbatched=False):
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(length, features):
-        shape = ((length, features) if unbatched else
-                 (N, length, features) if batch_first else (length, N, features))
-        return torch.randn(shape, generator=g, dtype=torch.float64)
-
-    return rand(L, 12), rand(S, kdim), rand(S, vdim)
-
-
-def _mha_masks(kind, L=7, S=9, N=2, heads=3):
-    """(key_padding_mask, attn_mask, is_causal) in torch.nn.MultiheadAttention's convention
-    (bool: True = may NOT attend)."""
-    g = torch.Generator().manual_seed(52)
-    padding = torch.zeros(N, S, dtype=torch.bool)
-    padding[1, 6:] = True
-    causal = torch.ones(L, S, dtype=torch.bool).triu(1)
-    return {
-        "none": (None, None, False),
-        "key_padding": (padding, None, False),
-        "float_key_padding": (torch.zeros(N, S, dtype=torch.float64).masked_fill(padding, -INF),
-                              None, False),
-        "bool_mask": (None, torch.rand(L, S, generator=g) > 0.7, False),
-        "float_mask": (None, torch.randn(L, S, generator=g, dtype=torch.float64), False),
-        "per_head_mask": (None, torch.randn(N * heads, L, S, generator=g, dtype=torch.float64),
-                          False),
-        "causal": (None, causal, True),
-        "causal_and_padding": (padding, causal, True),
-        "bool_mask_and_padding": (padding, torch.rand(L, S, generator=g) > 0.7, False),
-    }[kind]
-
-
-def _mha_run(module, q, k, v, **kwargs):
-    """(output, weights, input grads, parameter grads) of one forward/backward."""
-    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    out, weights = module(*leaves, **kwargs)
-    grad_out = random_like(out.shape, seed=53)
-    params = [p for p in module.parameters()]
-    grads = torch.autograd.grad(out, leaves + params, grad_out, allow_unused=True)
-    return out.detach(), weights, grads
-
-
-MHA_MASKS = ["none", "key_padding", "float_key_padding", "bool_mask", "float_mask",
-             "per_head_mask", "causal", "causal_and_padding", "bool_mask_and_padding"]
-
-
-@pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
-@pytest.mark.parametrize("dims", [(12, 12), (7, 5)], ids=["same_dims", "kdim7_vdim5"])
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
-def test_multihead_attention_fused_path_matches_torch(batch_first, dims, bias):
-    """need_weights=False: the fused path, output and every gradient as torch's module, for
-    every kind of mask."""
-    kdim, vdim = dims
-    ours, plain = _mha_pair(kdim=kdim, vdim=vdim, bias=bias, batch_first=batch_first)
-    assert isinstance(ours, torch.nn.MultiheadAttention)
-    assert ours.state_dict().keys() == plain.state_dict().keys()
-    q, k, v = _mha_inputs(batch_first, kdim, vdim)
-    for kind in MHA_MASKS:
-        padding, mask, causal = _mha_masks(kind)
-        kwargs = dict(key_padding_mask=padding, attn_mask=mask, is_causal=causal,
-                      need_weights=False)
-        out, weights, grads = _mha_run(ours, q, k, v, **kwargs)
-        ref_out, _, ref_grads = _mha_run(plain, q, k, v, **kwargs)
-        assert weights is None
-        torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12, msg=kind)
-        for i, (a, e) in enumerate(zip(grads, ref_grads, strict=True)):
-            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12,
-                                       msg=lambda m, i=i, kind=kind: f"{kind} grad {i}: {m}")
-
-
-def test_multihead_attention_fused_path_runs_the_kernel(monkeypatch):
-    used = _spy_kernels(monkeypatch)
-    ours, plain = _mha_pair()
-    q, k, v = _mha_inputs(False)
-    ours(q, k, v, need_weights=False)
-    assert used == ["cpu"]
-    used.clear()
-    out, weights = ours(q, k, v)  # need_weights=True: torch's own computation
-    assert used == [] and weights.shape == (2, 7, 9)
-
-
-@pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
-@pytest.mark.parametrize("average", [True, False], ids=["averaged", "per_head"])
-def test_multihead_attention_need_weights_as_torch(batch_first, average):
-    ours, plain = _mha_pair(batch_first=batch_first, kdim=7, vdim=5)
-    q, k, v = _mha_inputs(batch_first, 7, 5)
-    padding, mask, _ = _mha_masks("bool_mask_and_padding")
-    kwargs = dict(key_padding_mask=padding, attn_mask=mask, average_attn_weights=average)
-    out, weights, grads = _mha_run(ours, q, k, v, **kwargs)
-    ref_out, ref_weights, ref_grads = _mha_run(plain, q, k, v, **kwargs)
-    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(weights, ref_weights, rtol=1e-10, atol=1e-12)
-    assert weights.shape == ((2, 7, 9) if average else (2, 3, 7, 9))
-    fused, _, _ = _mha_run(ours, q, k, v, need_weights=False, key_padding_mask=padding,
-                           attn_mask=mask)
-    torch.testing.assert_close(fused, out, rtol=1e-10, atol=1e-12)
-
-
-def test_multihead_attention_unbatched_and_eval_dropout():
-    ours, plain = _mha_pair(dropout=0.4)
-    ours.eval()
-    plain.eval()
-    q, k, v = _mha_inputs(False, unbatched=True)
-    padding = torch.zeros(9, dtype=torch.bool)
-    padding[7:] = True
-    for kwargs in (dict(), dict(key_padding_mask=padding),
-                   dict(attn_mask=_mha_masks("causal")[1], is_causal=True)):
-        out, _, grads = _mha_run(ours, q, k, v, need_weights=False, **kwargs)
-        ref_out, _, ref_grads = _mha_run(plain, q, k, v, need_weights=False, **kwargs)
-        assert out.shape == (7, 12)
-        torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
-        for a, e in zip(grads, ref_grads, strict=True):
-            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
-
-
-def test_multihead_attention_training_dropout():
-    """In training mode the fused path drops attention weights: reproducible under
-    torch.manual_seed, different from eval mode, and like eval mode without dropout."""
-    ours, _ = _mha_pair(dropout=0.3, batch_first=True)
-    q, k, v = _mha_inputs(True)
-    ours.train()
-    torch.manual_seed(54)
-    first, _ = ours(q, k, v, need_weights=False)
-    torch.manual_seed(54)
-    again, _ = ours(q, k, v, need_weights=False)
-    ours.eval()
-    evaluated, _ = ours(q, k, v, need_weights=False)
-    assert torch.equal(first, again) and not torch.allclose(first, evaluated)
-    ours.dropout = 0.0
-    ours.train()
-    torch.testing.assert_close(ours(q, k, v, need_weights=False)[0], evaluated, rtol=0, atol=0)
-
-
-def test_multihead_attention_is_causal_needs_a_mask_like_torch():
-    ours, plain = _mha_pair()
-    q, k, v = _mha_inputs(False)
-    for module in (ours, plain):
-        with pytest.raises(RuntimeError, match="attn_mask"):
-            module(q, k, v, need_weights=False, is_causal=True)
-
-
-def test_multihead_attention_torch_compile_fullgraph():
-    ours, plain = _mha_pair(batch_first=True)
-    q, k, v = _mha_inputs(True)
-    padding, mask, _ = _mha_masks("bool_mask_and_padding")
-
-    def fn(q, k, v):
-        return ours(q, k, v, key_padding_mask=padding, attn_mask=mask, need_weights=False)[0]
-
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, fullgraph=True)(q, k, v)
-    expected = plain(q, k, v, key_padding_mask=padding, attn_mask=mask, need_weights=False)[0]
-    torch.testing.assert_close(compiled, expected, rtol=1e-10, atol=1e-12)
 
 
 # ---- GPU (cuda marker: skipped without a CUDA device) ----------------------------------------

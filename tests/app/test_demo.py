@@ -18,7 +18,7 @@ from pykernels.app import timing
 from pykernels.app.data import IGNORE_INDEX, DataError, Reversal, load_mnist, read_idx
 from pykernels.app.demo import _speed_summary
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
