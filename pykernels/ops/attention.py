@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import backends, kernel_extension, resolve
-from . import _checks, _contract
+from . import _checks, _contract, _route
 from .autocast import autocast_operands
 
 # Head dims each kernel backend takes (the 'torch' backend takes any): E and Ev up to 256 on
@@ -65,7 +65,7 @@ def _seed_offset(rng):
     return (0, 0) if rng is None else (int(rng[0]), int(rng[1]))
 
 
-@torch.library.custom_op("pykernels::attention_forward", mutates_args=())
+@_route.custom_op("pykernels::attention_forward")
 def attention_forward(
     q: Tensor,
     k: Tensor,
@@ -100,7 +100,7 @@ def _(q, k, v, mask, scale, causal, window_left, window_right, softcap, dropout_
             q.new_empty(q.shape[:3], dtype=_lse_dtype(q)))
 
 
-@torch.library.custom_op("pykernels::attention_backward", mutates_args=())
+@_route.custom_op("pykernels::attention_backward")
 def attention_backward(
     grad_out: Tensor,
     q: Tensor,
@@ -177,7 +177,7 @@ def _backward(ctx, grad_out, grad_lse):
         grads = _composition_grads(ctx, (q, k, v, mask), ctx.needs_input_grad[:4], grad_out,
                                    "graph of the gradient (create_graph=True)")
         return (*grads,) + (None,) * 8
-    dq, dk, dv = torch.ops.pykernels.attention_backward(
+    dq, dk, dv = _route.call(attention_backward,
         grad_out.contiguous(), q, k, v, out, lse, mask, *ctx.options, rng, ctx.backend)
     grad_mask = None
     if ctx.needs_input_grad[3]:
@@ -187,9 +187,7 @@ def _backward(ctx, grad_out, grad_lse):
     return (dq, dk, dv, grad_mask) + (None,) * 8
 
 
-torch.library.register_autograd(
-    "pykernels::attention_forward", _backward, setup_context=_setup_context
-)
+_route.register_autograd(attention_forward, _backward, setup_context=_setup_context)
 
 
 def _check_tensors(query, key, value):
@@ -387,5 +385,5 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         return reference.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window,
             softcap)
-    out, _ = torch.ops.pykernels.attention_forward(*inputs, name)
+    out, _ = _route.apply(attention_forward, *inputs, name)
     return out.view(shape)

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import resolve
-from . import _checks, _contract
+from . import _checks, _contract, _route
 from ._cross_entropy_common import (
     EMPTY,
     NONE,
@@ -63,7 +63,7 @@ def _loss_shape(input):
     return input.shape[:0] if input.dim() == 1 else input.shape[:1] + input.shape[2:]
 
 
-@torch.library.custom_op("pykernels::cross_entropy_forward", mutates_args=())
+@_route.custom_op("pykernels::cross_entropy_forward")
 def cross_entropy_forward(
     input: Tensor,
     target: Tensor,
@@ -128,7 +128,7 @@ def _(grad, grad_output, backend):
     return None
 
 
-@torch.library.custom_op("pykernels::cross_entropy_backward", mutates_args=())
+@_route.custom_op("pykernels::cross_entropy_backward")
 def cross_entropy_backward(
     grad_loss: Tensor,
     input: Tensor,
@@ -198,7 +198,7 @@ def _ce_backward(ctx, grad_loss, grad_grad):
     if need_input and ctx.inplace:
         (grad_input,) = scaled_in_place((saved_grad,), grad_loss, ctx.backend)
     elif need_input:
-        grad_input = torch.ops.pykernels.cross_entropy_backward(
+        grad_input = _route.call(cross_entropy_backward,
             grad_loss, input, target, weight, *ctx.options, ctx.backend)
     if need_target:
         _, grad_target = _contract.composition_grads(
@@ -207,9 +207,7 @@ def _ce_backward(ctx, grad_loss, grad_grad):
     return (grad_input, grad_target) + (None,) * 8
 
 
-torch.library.register_autograd(
-    "pykernels::cross_entropy_forward", _ce_backward, setup_context=_ce_setup_context
-)
+_route.register_autograd(cross_entropy_forward, _ce_backward, setup_context=_ce_setup_context)
 
 
 def _check_ce_args(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
@@ -255,7 +253,7 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
     if name == "torch" or _contract.runs_composition(input, target):
         return reference.cross_entropy(input, target, weight, ignore_index, reduction,
                                        label_smoothing, z_loss, softcap)
-    loss, _ = torch.ops.pykernels.cross_entropy_forward(
+    loss, _ = _route.apply(cross_entropy_forward,
         input, target, weight, ignore_index, ls, z, cap, red,
         inplace_backward and _contract.wants_grad(input), name)
     return loss

@@ -11,7 +11,7 @@ break) and ``opcheck`` see one opaque node each:
       -> (grad_input, grad_weight, grad_bias)
 
 The public function calls the forward op; its backward is registered with
-torch.library.register_autograd (the one route of every family: pykernels/ops/_contract.py).
+torch.library.register_autograd, as every family (docs/ARCHITECTURE.md, "Autograd").
 
 What the backward keeps is what the torch composition keeps, so in-place changes to the
 output behave as they do there: the output y for relu, sigmoid and tanh (act'(z) is a
@@ -23,13 +23,12 @@ grad_input = dz @ weight and grad_weight = dz^T @ input. When a graph of the gra
 requested (create_graph=True) it differentiates the composition instead (second order).
 """
 
-import torch
 from torch import Tensor
 
 from .. import reference
 from ..activations import ACTIVATIONS
 from ..backends import kernel_extension, resolve
-from . import _contract
+from . import _contract, _route
 from ._linear import EMPTY_SHAPE, check_args, fake_grads, rows
 from .autocast import autocast_operands
 
@@ -44,7 +43,7 @@ def _kernels(backend):
     return ext.linear_act_forward, ext.linear_act_backward
 
 
-@torch.library.custom_op("pykernels::linear_act_forward", mutates_args=())
+@_route.custom_op("pykernels::linear_act_forward")
 def linear_act_forward(
     input: Tensor,
     weight: Tensor,
@@ -64,7 +63,7 @@ def _(input, weight, bias, activation, negative_slope, save_preact, backend):
     return input.new_empty(shape), input.new_empty(shape if save_preact else EMPTY_SHAPE)
 
 
-@torch.library.custom_op("pykernels::linear_act_backward", mutates_args=())
+@_route.custom_op("pykernels::linear_act_backward")
 def linear_act_backward(
     grad_out: Tensor,
     input: Tensor,
@@ -125,16 +124,14 @@ def _backward(ctx, grad_out, grad_preact):
     need_bias = need_bias and bias is not None
     if saved is None:  # no activation: the kernels read dy in its place
         saved = grad_out.new_empty(EMPTY_SHAPE)
-    grad_input, grad_weight, grad_bias = torch.ops.pykernels.linear_act_backward(
+    grad_input, grad_weight, grad_bias = _route.call(linear_act_backward,
         grad_out, input, weight, saved, activation, negative_slope, ctx.keeps_output,
         need_bias, need_input, need_weight, ctx.backend)
     return (grad_input if need_input else None, grad_weight if need_weight else None,
             grad_bias if need_bias else None, None, None, None, None)
 
 
-torch.library.register_autograd(
-    "pykernels::linear_act_forward", _backward, setup_context=_setup_context
-)
+_route.register_autograd(linear_act_forward, _backward, setup_context=_setup_context)
 
 
 def linear_act(input, weight, bias=None, activation="none", *, negative_slope=0.01,
@@ -157,6 +154,6 @@ def linear_act(input, weight, bias=None, activation="none", *, negative_slope=0.
     if name == "torch" or _contract.runs_composition(input, weight, bias):
         return reference.linear_act(input, weight, bias, activation, negative_slope)
     save_preact = activation not in ("none",) + _KEEPS_OUTPUT
-    out, _ = torch.ops.pykernels.linear_act_forward(
+    out, _ = _route.apply(linear_act_forward,
         rows(input), weight, bias, act, negative_slope, save_preact, name)
     return out.view(*input.shape[:-1], weight.shape[0])

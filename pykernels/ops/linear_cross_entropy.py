@@ -18,12 +18,11 @@ the per-row grad_output is only known in the backward, so the forward computes t
 alone and the backward recomputes the chunks.
 """
 
-import torch
 from torch import Tensor
 
 from .. import reference
 from ..backends import resolve
-from . import _checks, _contract
+from . import _checks, _contract, _route
 from ._cross_entropy_common import (
     EMPTY,
     NONE,
@@ -40,7 +39,7 @@ from .autocast import autocast_operands
 from .linear_cross_entropy_chunks import chunk_loop, default_chunk_size
 
 
-@torch.library.custom_op("pykernels::linear_cross_entropy_forward", mutates_args=())
+@_route.custom_op("pykernels::linear_cross_entropy_forward")
 def linear_cross_entropy_forward(
     input: Tensor,
     linear_weight: Tensor,
@@ -78,7 +77,7 @@ def _(input, linear_weight, target, linear_bias, weight, ignore_index, label_smo
             input.new_empty(bias_shape))
 
 
-@torch.library.custom_op("pykernels::linear_cross_entropy_backward", mutates_args=())
+@_route.custom_op("pykernels::linear_cross_entropy_backward")
 def linear_cross_entropy_backward(
     grad_loss: Tensor,
     input: Tensor,
@@ -147,7 +146,7 @@ def _lce_backward(ctx, grad_loss, *unused):
                                             ctx.needs_input_grad[:4], (grad_loss,))
         return (*grads,) + (None,) * 10
     if ctx.reduction == NONE:
-        gi, gw, gb = torch.ops.pykernels.linear_cross_entropy_backward(
+        gi, gw, gb = _route.call(linear_cross_entropy_backward,
             grad_loss, input, linear_weight, target, linear_bias, weight, *ctx.options,
             ctx.backend)
     elif ctx.inplace:
@@ -164,9 +163,8 @@ def _lce_backward(ctx, grad_loss, *unused):
             gb if ctx.has_bias and need_bias else None) + (None,) * 10
 
 
-torch.library.register_autograd(
-    "pykernels::linear_cross_entropy_forward", _lce_backward, setup_context=_lce_setup_context
-)
+_route.register_autograd(linear_cross_entropy_forward, _lce_backward,
+                         setup_context=_lce_setup_context)
 
 
 def _check_lce_args(input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
@@ -235,7 +233,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     rows, rows_target, chunk = _lce_rows(input, target, linear_weight, chunk_size)
     # With reduction='none' the backward recomputes (grad_output is per row).
     compute_grad = red != NONE and _contract.wants_grad(input, linear_weight, linear_bias)
-    loss, *_ = torch.ops.pykernels.linear_cross_entropy_forward(
+    loss, *_ = _route.apply(linear_cross_entropy_forward,
         rows, linear_weight, rows_target, linear_bias, weight, ignore_index, ls, z, cap, red,
         chunk, compute_grad, inplace_backward, name)
     return loss.view(()) if red == NONE and input.dim() == 1 else loss

@@ -26,13 +26,12 @@ gradient is requested (create_graph=True) the backward differentiates the compos
 instead (second order; pykernels/ops/_contract.py).
 """
 
-import torch
 from torch import Tensor
 
 from .. import reference
 from ..activations import ACTIVATION_IDS, ACTIVATIONS
 from ..backends import kernel_extension, resolve
-from . import _contract
+from . import _contract, _route
 from ._linear import EMPTY_SHAPE, check_args, fake_grads, rows
 from .autocast import autocast_operands
 
@@ -49,7 +48,7 @@ def _kernels(backend):
     return ext.linear_glu_forward, ext.linear_glu_grad_preact, ext.linear_act_backward
 
 
-@torch.library.custom_op("pykernels::linear_glu_forward", mutates_args=())
+@_route.custom_op("pykernels::linear_glu_forward")
 def linear_glu_forward(
     input: Tensor,
     weight: Tensor,
@@ -70,7 +69,7 @@ def _(input, weight, bias, activation, negative_slope, save_preact, backend):
             input.new_empty((m, gated) if save_preact else EMPTY_SHAPE))
 
 
-@torch.library.custom_op("pykernels::linear_glu_backward", mutates_args=())
+@_route.custom_op("pykernels::linear_glu_backward")
 def linear_glu_backward(
     grad_out: Tensor,
     input: Tensor,
@@ -121,16 +120,14 @@ def _backward(ctx, grad_out, grad_gu):
             (input, weight, bias), (need_input, need_weight, need_bias), (grad_out,))
         return (*grads, None, None, None, None)
     need_bias = need_bias and bias is not None
-    grad_input, grad_weight, grad_bias = torch.ops.pykernels.linear_glu_backward(
+    grad_input, grad_weight, grad_bias = _route.call(linear_glu_backward,
         grad_out, input, weight, gu, activation, negative_slope, need_bias, need_input,
         need_weight, ctx.backend)
     return (grad_input if need_input else None, grad_weight if need_weight else None,
             grad_bias if need_bias else None, None, None, None, None)
 
 
-torch.library.register_autograd(
-    "pykernels::linear_glu_forward", _backward, setup_context=_setup_context
-)
+_route.register_autograd(linear_glu_forward, _backward, setup_context=_setup_context)
 
 
 def _check_args(input, weight, bias, activation, negative_slope):
@@ -171,6 +168,6 @@ def linear_glu(input, weight, bias=None, activation="silu", *, negative_slope=0.
         return reference.linear_glu(input, weight, bias, activation, negative_slope)
     # gu = [g | u] is written only when a backward may need it.
     save_preact = _contract.wants_grad(input, weight, bias)
-    h, _ = torch.ops.pykernels.linear_glu_forward(
+    h, _ = _route.apply(linear_glu_forward,
         rows(input), weight, bias, act, negative_slope, save_preact, name)
     return h.view(*input.shape[:-1], weight.shape[0] // 2)

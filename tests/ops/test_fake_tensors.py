@@ -1,0 +1,103 @@
+"""Every op runs on tensors without data: FakeTensorMode (what torch.compile traces with)
+and the meta device. A call that read a value on the host (``.item()``, ``bool(tensor)``,
+data-dependent Python branching) would raise here; on a GPU each such read is a host
+synchronisation that stalls the stream and breaks CUDA-graph capture.
+
+CPU fake tensors go forward and backward through each kernel backend's route (the custom
+ops' fake kernels and the registered backward). Fake CUDA tensors (no GPU needed) go
+through the public functions' GPU route for the cuda and triton backends, forward only:
+a CPU build of torch cannot record autograd on CUDA tensors.
+"""
+
+import importlib
+
+import pytest
+import torch
+from conftest import cpu_kernel_backends
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+import pykernels
+
+backends_module = importlib.import_module("pykernels.backends")
+
+
+def _calls(make, backend):
+    """{op: (call, differentiable inputs)} on tensors from ``make(*shape, index=False)``."""
+    x, w, b = make(6, 16), make(12, 16), make(12)
+    glu_w, glu_b = make(24, 16), make(24)
+    target = make(6, index=True)
+    q, k, v = make(2, 3, 9, 8), make(2, 3, 7, 8), make(2, 3, 7, 8)
+    return {
+        "linear_act": (lambda: pykernels.linear_act(x, w, b, "gelu", backend=backend),
+                       (x, w, b)),
+        "linear_glu": (lambda: pykernels.linear_glu(x, glu_w, glu_b, backend=backend),
+                       (x, glu_w, glu_b)),
+        "cross_entropy": (lambda: pykernels.cross_entropy(
+            x, target, ignore_index=3, label_smoothing=0.1, backend=backend), (x,)),
+        "linear_cross_entropy": (lambda: pykernels.linear_cross_entropy(
+            x, w, target, backend=backend), (x, w)),
+        "attention": (lambda: pykernels.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=0.2, backend=backend), (q, k, v)),
+    }
+
+
+def _real_shapes(backend):
+    def make(*shape, index=False):
+        if index:
+            return torch.randint(0, 12, shape)
+        return torch.randn(*shape, dtype=torch.float64).requires_grad_()
+    return {op: tuple(call().shape) for op, (call, _) in _calls(make, "torch").items()}
+
+
+OPS = ["linear_act", "linear_glu", "cross_entropy", "linear_cross_entropy", "attention"]
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("backend", cpu_kernel_backends() + ["torch"])
+def test_cpu_fake_tensors_forward_and_backward(op, backend):
+    expected = _real_shapes(backend)[op]
+    with FakeTensorMode():
+        def make(*shape, index=False):
+            if index:
+                return torch.randint(0, 12, shape)
+            return torch.randn(*shape, dtype=torch.float64).requires_grad_()
+        call, inputs = _calls(make, backend)[op]
+        out = call()
+        grads = torch.autograd.grad(out.sum(), inputs)
+    assert isinstance(out, FakeTensor) and tuple(out.shape) == expected
+    assert [tuple(g.shape) for g in grads] == [tuple(t.shape) for t in inputs]
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_route_reads_no_data(op, backend, monkeypatch):
+    """The public functions' CUDA path (argument checks, backend choice, shape logic, the
+    custom op's fake kernel) on fake CUDA tensors: it must not need a value."""
+    available = backends_module._available
+    monkeypatch.setattr(backends_module, "_available", lambda name, device_type: (
+        True if device_type == "cuda" else available(name, device_type)))
+    mode = FakeTensorMode()
+
+    def make(*shape, index=False):
+        dtype = torch.long if index else torch.bfloat16
+        return FakeTensor(mode, torch.empty(*shape, dtype=dtype, device="meta"),
+                          torch.device("cuda"))
+
+    with mode:
+        call, _ = _calls(make, backend)[op]
+        out = call()
+    assert out.device.type == "cuda" and out.dtype == torch.bfloat16
+    assert tuple(out.shape) == _real_shapes("torch")[op]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_meta_tensors(op):
+    def make(*shape, index=False):
+        if index:
+            return torch.empty(shape, dtype=torch.long, device="meta")
+        return torch.empty(*shape, device="meta").requires_grad_()
+    call, inputs = _calls(make, None)[op]
+    out = call()
+    grads = torch.autograd.grad(out.sum(), inputs)
+    assert out.device.type == "meta" and tuple(out.shape) == _real_shapes("torch")[op]
+    assert [g.shape for g in grads] == [t.shape for t in inputs]
