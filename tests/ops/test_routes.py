@@ -1,4 +1,7 @@
-"""Every op runs on tensors without data: FakeTensorMode (what torch.compile traces with)
+"""The ways into an op (docs/ARCHITECTURE.md, "Two ways into an op").
+
+A plain eager call takes ops/_route.py's eager way; the dispatcher's way gives the same
+bits. Every op runs on tensors without data: FakeTensorMode (what torch.compile traces with)
 and the meta device. A call that read a value on the host (``.item()``, ``bool(tensor)``,
 data-dependent Python branching) would raise here; on a GPU each such read is a host
 synchronisation that stalls the stream and breaks CUDA-graph capture.
@@ -17,6 +20,7 @@ from conftest import cpu_kernel_backends
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 import pykernels
+from pykernels.ops import _route
 
 backends_module = importlib.import_module("pykernels.backends")
 
@@ -101,3 +105,43 @@ def test_meta_tensors(op):
     grads = torch.autograd.grad(out.sum(), inputs)
     assert out.device.type == "meta" and tuple(out.shape) == _real_shapes("torch")[op]
     assert [g.shape for g in grads] == [t.shape for t in inputs]
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("backend", cpu_kernel_backends())
+def test_eager_way_equals_the_dispatcher_way(op, backend, monkeypatch):
+    """Outputs and gradients bitwise equal, the eager way against the custom op's."""
+    def run():
+        g = torch.Generator().manual_seed(5)
+
+        def make(*shape, index=False):
+            if index:
+                return torch.randint(0, 12, shape, generator=g)
+            return torch.randn(*shape, dtype=torch.float64, generator=g).requires_grad_()
+        call, inputs = _calls(make, backend)[op]
+        torch.manual_seed(6)  # attention's dropout
+        out = call()
+        return (out, *torch.autograd.grad(out.sum(), inputs))
+
+    taken = []
+    is_plain = _route.is_plain
+    monkeypatch.setattr(_route, "is_plain", lambda *a: taken.append(is_plain(*a)) or taken[-1])
+    eager = run()
+    assert taken and all(taken), "a plain call went through the dispatcher"
+    monkeypatch.setattr(_route, "is_plain", lambda *a: False)
+    dispatcher = run()
+    for a, b in zip(eager, dispatcher, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_plain_only_for_ordinary_eager_tensors():
+    x = torch.randn(3)
+    assert _route.is_plain(x, None, 1.0, "cpu")
+    assert not _route.is_plain(x.to("meta"))
+    with FakeTensorMode() as mode:
+        assert not _route.is_plain(mode.from_tensor(x))
+        assert not _route.is_plain(torch.ones(1))  # any tensor while a mode is active
+
+    class Sub(torch.Tensor):
+        pass
+    assert not _route.is_plain(x.as_subclass(Sub))
