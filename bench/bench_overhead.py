@@ -5,7 +5,9 @@ on CPU tensors against eager PyTorch.
 
 Per op the same computation runs three ways, interleaved in every round: eager PyTorch (the
 composition a user would write), pykernels with the default backend (``auto``) and
-pykernels with its fused C++ kernels forced (``backend="cpu"``).
+pykernels with its fused C++ kernels forced (``backend="cpu"``); in the tiny-tensor table
+also the default call made to go through the dispatcher as under torch.compile
+(``via dispatcher``: what ops/_route.py's eager way saves).
 
 1. Tiny tensors, one thread: the kernels cost almost nothing, so a call's time is what the
    host spends around them (argument checks, backend resolution, custom-op dispatch,
@@ -40,6 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import pykernels
 from pykernels.app import timing
+from pykernels.ops import _route
 
 TARGET = 2.0  # pykernels' host time on tiny tensors at most this multiple of eager's
 SWEEP_TARGET = 0.95  # auto's speed at every size at least this fraction of eager's
@@ -160,6 +163,23 @@ def _calls_per_round(call, seconds):
     return max(1, min(200, round(seconds / max(time.perf_counter() - start, 1e-7))))
 
 
+DISPATCHER = "via dispatcher"
+
+
+def _through_dispatcher(step):
+    """``step`` with every pykernels op run through the dispatcher (the custom op), the way
+    torch.compile and dispatch modes take, instead of ops/_route.py's eager way: the same
+    kernels, so the difference is the dispatcher's host cost."""
+    def call():
+        plain = _route.is_plain
+        _route.is_plain = lambda *args: False
+        try:
+            return step()
+        finally:
+            _route.is_plain = plain
+    return call
+
+
 def overhead(rounds, n, out=print):
     """The tiny-tensor table: host time per call in both modes, and the operators counted."""
     rows = []
@@ -167,8 +187,9 @@ def overhead(rounds, n, out=print):
         for mode in ("fwd", "fwd+bwd"):
             inputs = make_inputs(sizes[0], torch.Generator().manual_seed(0))
             calls = {name: _step(fn, inputs, mode) for name, fn in variants.items()}
+            calls[DISPATCHER] = _through_dispatcher(calls["pykernels"])
             times = _time(calls, rounds, n)
-            for name in variants:
+            for name in calls:
                 ops = count_ops(calls[name])
                 row = {"op": op, "size": "x".join(map(str, sizes[0])), "mode": mode,
                        "variant": name, "us": statistics.median(times[name]),
