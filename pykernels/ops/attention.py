@@ -177,8 +177,8 @@ def _backward(ctx, grad_out, grad_lse):
         grads = _composition_grads(ctx, (q, k, v, mask), ctx.needs_input_grad[:4], grad_out,
                                    "graph of the gradient (create_graph=True)")
         return (*grads,) + (None,) * 8
-    dq, dk, dv = _route.call(attention_backward,
-        grad_out.contiguous(), q, k, v, out, lse, mask, *ctx.options, rng, ctx.backend)
+    dq, dk, dv = _route.call(attention_backward, grad_out.contiguous(), q, k, v, out, lse,
+                             mask, *ctx.options, rng, ctx.backend)
     grad_mask = None
     if ctx.needs_input_grad[3]:
         grad_mask = _composition_grads(ctx, (q.detach(), k.detach(), v.detach(), mask),

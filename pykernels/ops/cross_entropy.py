@@ -198,8 +198,8 @@ def _ce_backward(ctx, grad_loss, grad_grad):
     if need_input and ctx.inplace:
         (grad_input,) = scaled_in_place((saved_grad,), grad_loss, ctx.backend)
     elif need_input:
-        grad_input = _route.call(cross_entropy_backward,
-            grad_loss, input, target, weight, *ctx.options, ctx.backend)
+        grad_input = _route.call(cross_entropy_backward, grad_loss, input, target, weight,
+                                 *ctx.options, ctx.backend)
     if need_target:
         _, grad_target = _contract.composition_grads(
             composition, (input.detach(), target), (False, True), (grad_loss,),
@@ -253,7 +253,6 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
     if name == "torch" or _contract.runs_composition(input, target):
         return reference.cross_entropy(input, target, weight, ignore_index, reduction,
                                        label_smoothing, z_loss, softcap)
-    loss, _ = _route.apply(cross_entropy_forward,
-        input, target, weight, ignore_index, ls, z, cap, red,
-        inplace_backward and _contract.wants_grad(input), name)
+    loss, _ = _route.apply(cross_entropy_forward, input, target, weight, ignore_index, ls, z,
+                           cap, red, inplace_backward and _contract.wants_grad(input), name)
     return loss

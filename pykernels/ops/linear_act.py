@@ -124,9 +124,9 @@ def _backward(ctx, grad_out, grad_preact):
     need_bias = need_bias and bias is not None
     if saved is None:  # no activation: the kernels read dy in its place
         saved = grad_out.new_empty(EMPTY_SHAPE)
-    grad_input, grad_weight, grad_bias = _route.call(linear_act_backward,
-        grad_out, input, weight, saved, activation, negative_slope, ctx.keeps_output,
-        need_bias, need_input, need_weight, ctx.backend)
+    grad_input, grad_weight, grad_bias = _route.call(
+        linear_act_backward, grad_out, input, weight, saved, activation, negative_slope,
+        ctx.keeps_output, need_bias, need_input, need_weight, ctx.backend)
     return (grad_input if need_input else None, grad_weight if need_weight else None,
             grad_bias if need_bias else None, None, None, None, None)
 
@@ -154,6 +154,6 @@ def linear_act(input, weight, bias=None, activation="none", *, negative_slope=0.
     if name == "torch" or _contract.runs_composition(input, weight, bias):
         return reference.linear_act(input, weight, bias, activation, negative_slope)
     save_preact = activation not in ("none",) + _KEEPS_OUTPUT
-    out, _ = _route.apply(linear_act_forward,
-        rows(input), weight, bias, act, negative_slope, save_preact, name)
+    out, _ = _route.apply(linear_act_forward, rows(input), weight, bias, act, negative_slope,
+                          save_preact, name)
     return out.view(*input.shape[:-1], weight.shape[0])

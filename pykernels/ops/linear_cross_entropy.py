@@ -146,9 +146,9 @@ def _lce_backward(ctx, grad_loss, *unused):
                                             ctx.needs_input_grad[:4], (grad_loss,))
         return (*grads,) + (None,) * 10
     if ctx.reduction == NONE:
-        gi, gw, gb = _route.call(linear_cross_entropy_backward,
-            grad_loss, input, linear_weight, target, linear_bias, weight, *ctx.options,
-            ctx.backend)
+        gi, gw, gb = _route.call(
+            linear_cross_entropy_backward, grad_loss, input, linear_weight, target,
+            linear_bias, weight, *ctx.options, ctx.backend)
     elif ctx.inplace:
         gi, gw, gb = scaled_in_place(forward_grads, grad_loss, ctx.backend)
     else:  # scaled into new tensors: the saved gradients stay as the forward wrote them
@@ -233,7 +233,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     rows, rows_target, chunk = _lce_rows(input, target, linear_weight, chunk_size)
     # With reduction='none' the backward recomputes (grad_output is per row).
     compute_grad = red != NONE and _contract.wants_grad(input, linear_weight, linear_bias)
-    loss, *_ = _route.apply(linear_cross_entropy_forward,
-        rows, linear_weight, rows_target, linear_bias, weight, ignore_index, ls, z, cap, red,
-        chunk, compute_grad, inplace_backward, name)
+    loss, *_ = _route.apply(
+        linear_cross_entropy_forward, rows, linear_weight, rows_target, linear_bias, weight,
+        ignore_index, ls, z, cap, red, chunk, compute_grad, inplace_backward, name)
     return loss.view(()) if red == NONE and input.dim() == 1 else loss

@@ -120,9 +120,9 @@ def _backward(ctx, grad_out, grad_gu):
             (input, weight, bias), (need_input, need_weight, need_bias), (grad_out,))
         return (*grads, None, None, None, None)
     need_bias = need_bias and bias is not None
-    grad_input, grad_weight, grad_bias = _route.call(linear_glu_backward,
-        grad_out, input, weight, gu, activation, negative_slope, need_bias, need_input,
-        need_weight, ctx.backend)
+    grad_input, grad_weight, grad_bias = _route.call(
+        linear_glu_backward, grad_out, input, weight, gu, activation, negative_slope,
+        need_bias, need_input, need_weight, ctx.backend)
     return (grad_input if need_input else None, grad_weight if need_weight else None,
             grad_bias if need_bias else None, None, None, None, None)
 
@@ -168,6 +168,6 @@ def linear_glu(input, weight, bias=None, activation="silu", *, negative_slope=0.
         return reference.linear_glu(input, weight, bias, activation, negative_slope)
     # gu = [g | u] is written only when a backward may need it.
     save_preact = _contract.wants_grad(input, weight, bias)
-    h, _ = _route.apply(linear_glu_forward,
-        rows(input), weight, bias, act, negative_slope, save_preact, name)
+    h, _ = _route.apply(linear_glu_forward, rows(input), weight, bias, act, negative_slope,
+                        save_preact, name)
     return h.view(*input.shape[:-1], weight.shape[0] // 2)
