@@ -145,3 +145,34 @@ def test_plain_only_for_ordinary_eager_tensors():
     class Sub(torch.Tensor):
         pass
     assert not _route.is_plain(x.as_subclass(Sub))
+
+
+@pytest.mark.skipif("cpu" not in cpu_kernel_backends(), reason="needs pykernels._C")
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_and_saved_tensor_hooks(use_reentrant):
+    """torch.utils.checkpoint (recomputing the ops in the backward) and saved-tensor hooks
+    (offloading-style pack/unpack) give the gradients of a plain run, bitwise."""
+    from torch.utils.checkpoint import checkpoint
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(12, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    target = torch.randint(0, 12, (6,), generator=g)
+
+    def block(x, w):
+        h = pykernels.linear_act(x, w, None, "gelu", backend="cpu")
+        q = h.view(1, 2, 3, 12)
+        a = pykernels.scaled_dot_product_attention(q, q, q, is_causal=True, backend="cpu")
+        return pykernels.cross_entropy(a.reshape(6, 12), target, backend="cpu")
+
+    def grads(run):
+        x.grad = w.grad = None
+        run().backward()
+        return x.grad, w.grad
+
+    plain = grads(lambda: block(x, w))
+    checkpointed = grads(lambda: checkpoint(block, x, w, use_reentrant=use_reentrant))
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        hooked = grads(lambda: block(x, w))
+    for a, b, c in zip(plain, checkpointed, hooked, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
