@@ -23,8 +23,8 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   "$PY" -m pip install --quiet "${missing[@]}"
 fi
-# Optional test packages, neither depending on torch: transformers (tests/test_hf.py) and
-# expecttest (PyTorch's OpInfo samples in tests/test_autograd_contract.py); the tests that
+# Optional test packages, neither depending on torch: transformers (tests/models/test_hf.py) and
+# expecttest (PyTorch's OpInfo samples in tests/ops/test_autograd_contract.py); the tests that
 # need one skip without it. Installed where missing and reachable, skipped quietly where
 # not (the GPU machine is offline).
 for package in transformers expecttest; do
