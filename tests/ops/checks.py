@@ -62,6 +62,22 @@ def params(family, items):
     return [pytest.param(item, id=f"{family}-{item.id}", marks=item.marks) for item in items]
 
 
+def present(*tensors):
+    """The inputs of a case without its absent (None) optional tensors."""
+    return tuple(t for t in tensors if t is not None)
+
+
+def non_contiguous_linear(out_features, seed):
+    """(input, weight, bias) of a linear layer in float64, none of them contiguous: input
+    (9, 2, 13) transposed, weight (out_features, 13) transposed, bias with stride 2."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(13, 2, 9, generator=g, dtype=torch.float64).transpose(0, 2)
+    w = torch.randn(13, out_features, generator=g, dtype=torch.float64).t()
+    b = torch.randn(2 * out_features, generator=g, dtype=torch.float64)[::2]
+    assert not x.is_contiguous() and not w.is_contiguous() and not b.is_contiguous()
+    return tuple(t.requires_grad_() for t in (x, w, b))
+
+
 def differentiable(inputs):
     return [t for t in inputs if t.requires_grad]
 

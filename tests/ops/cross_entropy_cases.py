@@ -19,7 +19,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from checks import BadInput, Case, OpCheck
+from checks import BadInput, Case, OpCheck, present
 from conftest import cpu_kernel_backends, pairwise
 
 import pykernels
@@ -263,10 +263,6 @@ def backend_combos(cpu, triton):
     return [(b, c) for b in CPU_BACKENDS for c in (triton if b == "triton" else cpu)]
 
 
-def _present(*tensors):
-    return tuple(t for t in tensors if t is not None)
-
-
 def _rule_atol(name, exact, dtype):
     return loss_atol(exact, dtype) if name == "loss" else None
 
@@ -281,7 +277,7 @@ def ce_case(backend, case, seed, checks, gradcheck=False):
 
     def inputs():
         x, target, weight, _ = make_case(case, seed=seed)
-        return _present(x.requires_grad_(), target, weight)
+        return present(x.requires_grad_(), target, weight)
 
     options = {}
     if gradcheck:
@@ -313,7 +309,7 @@ def lce_case(id, backend, make, reference, checks=("float64",), chunk_size=None,
 
     def inputs():
         x, w, b, t, cw = make()
-        return _present(x.requires_grad_(), w.requires_grad_(), t,
+        return present(x.requires_grad_(), w.requires_grad_(), t,
                         None if b is None else b.requires_grad_(), cw)
 
     def ours(x, w, t, b, cw):

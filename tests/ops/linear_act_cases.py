@@ -3,7 +3,7 @@ options and backends, the call and its plain-torch reference."""
 
 import torch
 import torch.nn.functional as F
-from checks import BadInput, Case, OpCheck
+from checks import BadInput, Case, OpCheck, non_contiguous_linear, present
 from conftest import cpu_kernel_backends
 
 import pykernels
@@ -43,19 +43,6 @@ def case(id, backend, activation, inputs, negative_slope=0.01, **options):
         **options)
 
 
-def _present(*tensors):
-    return tuple(t for t in tensors if t is not None)
-
-
-def _non_contiguous():
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(13, 2, 9, generator=g, dtype=torch.float64).transpose(0, 2)  # (9, 2, 13)
-    w = torch.randn(13, 7, generator=g, dtype=torch.float64).t()  # (7, 13), transposed
-    b = torch.randn(14, generator=g, dtype=torch.float64)[::2]  # stride 2
-    assert not x.is_contiguous() and not w.is_contiguous() and not b.is_contiguous()
-    return tuple(t.requires_grad_() for t in (x, w, b))
-
-
 FLOAT32_SHAPES = [(1, 1, 1), (17, 33, 9), (97, 65, 31), (4, 128, 96)]
 
 
@@ -67,24 +54,25 @@ def cases():
                 for lead, name in [((), "1d"), ((3,), "2d"), ((2, 3), "3d")]:
                     out.append(case(
                         f"{activation}-{'bias' if bias else 'nobias'}-{name}", backend,
-                        activation, lambda lead=lead, bias=bias: _present(
+                        activation, lambda lead=lead, bias=bias: present(
                             *make_inputs(lead, 7, 5, bias)),
                         checks=("gradcheck",)))
             for m, k, n in FLOAT32_SHAPES:
                 out.append(case(f"{activation}-{m}x{k}x{n}", backend, activation,
-                                lambda m=m, k=k, n=n: _present(
+                                lambda m=m, k=k, n=n: present(
                                     *make_inputs((m,), k, n, True, seed=m)),
                                 checks=("float32",)))
         # slope < 0 switches the saved tensor from the output to the pre-activation.
         for slope in (0.0, 0.2, -0.3, 1.5):
             out.append(case(f"leaky_relu-slope{slope}", backend, "leaky_relu",
-                            lambda: _present(*make_inputs((11,), 6, 4, True)),
+                            lambda: present(*make_inputs((11,), 6, 4, True)),
                             negative_slope=slope, tol=1e-12))
-        out.append(case("gelu-non_contiguous", backend, "gelu", _non_contiguous))
+        out.append(case("gelu-non_contiguous", backend, "gelu",
+                        lambda: non_contiguous_linear(7, seed=3)))
         # K = 0: the product is empty, so out = act(bias); N = 0: an empty output.
         for k, n, name in [(0, 4, "no_in_features"), (5, 0, "no_out_features")]:
             out.append(case(f"sigmoid-{name}", backend, "sigmoid",
-                            lambda k=k, n=n: _present(*make_inputs((3, 2), k, n, True)),
+                            lambda k=k, n=n: present(*make_inputs((3, 2), k, n, True)),
                             tol=1e-12))
     return out
 

@@ -3,7 +3,7 @@ options and backends, the call and its plain-torch reference."""
 
 import torch
 import torch.nn.functional as F
-from checks import BadInput, Case, OpCheck
+from checks import BadInput, Case, OpCheck, non_contiguous_linear, present
 from conftest import cpu_kernel_backends
 
 import pykernels
@@ -60,19 +60,6 @@ def case(id, backend, activation, inputs, negative_slope=0.01, **options):
                 **options)
 
 
-def _present(*tensors):
-    return tuple(t for t in tensors if t is not None)
-
-
-def _non_contiguous():
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(13, 2, 9, generator=g, dtype=torch.float64).transpose(0, 2)  # (9, 2, 13)
-    w = torch.randn(13, 10, generator=g, dtype=torch.float64).t()  # (10, 13), transposed
-    b = torch.randn(20, generator=g, dtype=torch.float64)[::2]  # stride 2
-    assert not x.is_contiguous() and not w.is_contiguous() and not b.is_contiguous()
-    return tuple(t.requires_grad_() for t in (x, w, b))
-
-
 def _non_contiguous_grad_out(inputs):
     g = torch.Generator().manual_seed(8)
     return torch.randn(9, 2, 5, generator=g, dtype=torch.float64).transpose(0, 1) \
@@ -90,27 +77,28 @@ def cases():
         for activation in ACTIVATIONS:
             # 97 x 33 -> 2 x 45: partial tiles
             out.append(case(f"{activation}-97x33x45", backend, activation,
-                            lambda: _present(*make_inputs((97,), 33, 45, True, seed=1)),
+                            lambda: present(*make_inputs((97,), 33, 45, True, seed=1)),
                             checks=("float32",)))
             out.append(case(f"{activation}-2x3x5x7x6", backend, activation,
-                            lambda: _present(*make_inputs((2, 3, 5), 7, 6, True, seed=2))))
-        out.append(case("gelu_tanh-non_contiguous", backend, "gelu_tanh", _non_contiguous,
+                            lambda: present(*make_inputs((2, 3, 5), 7, 6, True, seed=2))))
+        out.append(case("gelu_tanh-non_contiguous", backend, "gelu_tanh",
+                        lambda: non_contiguous_linear(10, seed=7),
                         grad_out=_non_contiguous_grad_out))
     for backend in kernels:
         for activation in ACTIVATIONS:
             if backend != "triton" or activation in TRITON_GRADCHECK:
                 out.append(case(f"{activation}-3x4x2", backend, activation,
-                                lambda: _present(*make_inputs((3,), 4, 2, True, seed=3)),
+                                lambda: present(*make_inputs((3,), 4, 2, True, seed=3)),
                                 checks=("gradcheck",)))
         out.append(case("gelu-nobias", backend, "gelu",
-                        lambda: _present(*make_inputs((6,), 5, 3, False, seed=5))))
+                        lambda: present(*make_inputs((6,), 5, 3, False, seed=5))))
         for slope in (0.0, 0.2, -0.3):
             out.append(case(f"leaky_relu-slope{slope}", backend, "leaky_relu",
-                            lambda: _present(*make_inputs((11,), 6, 4, True, seed=6)),
+                            lambda: present(*make_inputs((11,), 6, 4, True, seed=6)),
                             negative_slope=slope, tol=1e-12))
         # no in_features: act(gate bias) * up bias
         out.append(case("sigmoid-no_in_features", backend, "sigmoid",
-                        lambda: _present(*make_inputs((3,), 0, 4, True)), tol=1e-12))
+                        lambda: present(*make_inputs((3,), 0, 4, True)), tol=1e-12))
     return out
 
 
