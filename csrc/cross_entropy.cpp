@@ -156,6 +156,15 @@ void bind_cross_entropy(pybind11::module_& m) {
         pybind11::arg("ignore_index"), pybind11::arg("label_smoothing"),
         pybind11::arg("z_loss"), pybind11::arg("softcap"), pybind11::arg("grad"),
         pybind11::arg("scale"));
+  m.def("cross_entropy_check_targets",
+        [](const at::Tensor& target, int64_t num_classes, int64_t ignore_index) {
+          TORCH_CHECK(target.device().is_cpu() && target.scalar_type() == at::kLong,
+                      "pykernels: target must be a CPU int64 tensor, got ",
+                      target.scalar_type(), " on ", target.device());
+          cpu::check_targets(target, num_classes, ignore_index);
+        },
+        "ValueError unless every CPU int64 target is in [0, num_classes) or ignore_index",
+        pybind11::arg("target"), pybind11::arg("num_classes"), pybind11::arg("ignore_index"));
   m.def("cross_entropy_scale_grad_", &cross_entropy_scale_grad_,
         "grad (A, C, B) *= scale (per row, or one scalar), in place",
         pybind11::arg("grad"), pybind11::arg("scale"));

@@ -4,10 +4,12 @@ Backends (docs/ARCHITECTURE.md, "Backends"):
   cpu     fused C++ kernels of pykernels._C, CPU tensors
   cuda    CUDA kernels of pykernels._C (when built with CUDA), CUDA tensors
   triton  pykernels.triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
-  torch   the plain-PyTorch reference composition (pykernels.reference), any tensor
+  torch   the plain-PyTorch composition (pykernels.reference; attention without mask,
+          window or softcap runs F.scaled_dot_product_attention), any tensor
 
 Selection, strongest first: a call's ``backend=``, the innermost ``use_backend(name)``,
-the PYKERNELS_BACKEND environment variable, then "auto".
+the PYKERNELS_BACKEND environment variable, then "auto". "auto" takes the device, the
+dtype and, on the CPU, the size of the call into account (CPU_CROSSOVER).
 """
 
 import contextlib
@@ -34,8 +36,8 @@ _DTYPES = {
     ("torch", "cuda"): _FLOAT_DTYPES,
 }
 
-# "auto": the first backend in this order that is available and takes the dtype.
-# On the CPU the fused C++ path is measured at least as fast as eager (bench/results).
+# "auto": the first backend in this order that is available and takes the dtype (on the
+# CPU, from the size given in CPU_CROSSOVER on; below it the torch composition).
 # On CUDA "auto" picks only paths with evidence. Without GPU results, the half types go
 # to triton (compiled for sm_90 in CI, numerics tested in the interpreter) and float32 to
 # the torch composition (cuBLAS); the cuda kernels have never run on a GPU, so they are
@@ -48,6 +50,26 @@ _EVIDENCE_FREE_ORDER = {
     ("cuda", "half"): ("triton", "torch"),
 }
 AUTO_ORDER_FILE = Path(__file__).resolve().parent.parent / "bench" / "results" / "auto_order.json"
+
+# On the CPU "auto" also weighs the size of a call: below a family's crossover the torch
+# composition (eager's own operators) was measured faster, forward + backward, than the
+# fused kernels (bench/bench_overhead.py's size sweep, bench/results/overhead_cpu.md): a
+# call's fixed host cost outweighs what fusion saves on small tensors, and without
+# AVX-512 the linear_act kernels run ATen's GEMM and were never measured faster than eager.
+# Sizes: rows * in * out (linear families), rows * classes (cross_entropy),
+# rows * hidden * vocab (linear_cross_entropy), batch * heads * L * S * head dim
+# (attention). Keyed by torch's CPU capability, which also picks the kernels' own SIMD
+# level; None: the kernels were not measured faster at any size there. With AVX-512 the
+# linear families were measured only at 4096x512x512 (1.05-1.29x eager), so they start
+# there; the other families' loops only get faster with AVX-512, so the AVX2 crossover
+# stands for both. GPU calls keep the order above: their rule comes from GPU results.
+CPU_CROSSOVER = {
+    "AVX512": {"linear_act": 1 << 30, "linear_glu": 1 << 30, "cross_entropy": 1 << 23,
+               "linear_cross_entropy": 1 << 30, "attention": 1 << 24},
+    "AVX2": {"linear_act": None, "linear_glu": 1 << 25, "cross_entropy": 1 << 23,
+             "linear_cross_entropy": 1 << 30, "attention": 1 << 24},
+}
+_CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
 
 
 def load_auto_order(path=AUTO_ORDER_FILE):
@@ -184,19 +206,29 @@ def _auto_key(device_type, dtype):
     return ("cuda", "float32" if dtype in (torch.float32, torch.float64) else "half")
 
 
-def resolve(backend, device, dtype):
-    """The backend that runs a call on tensors of ``device`` and ``dtype``.
+def _auto(device_type, dtype, family, size):
+    for candidate in _AUTO_ORDER.get(_auto_key(device_type, dtype), ("torch",)):
+        if _available(candidate, device_type) and dtype in _DTYPES[(candidate, device_type)]:
+            if candidate == "cpu" and family is not None:
+                crossover = CPU_CROSSOVER.get(_CPU_CAPABILITY, {}).get(family)
+                if crossover is None or size < crossover:
+                    return "torch"
+            return candidate
+    return "torch"
+
+
+def resolve(backend, device, dtype, family=None, size=0):
+    """The backend that runs a call on tensors of ``device`` and ``dtype``; with
+    ``family`` (a key of the CPU_CROSSOVER tables) and ``size``, "auto" on the CPU picks
+    the torch composition below that family's crossover.
 
     Raises ValueError for an unknown name, RuntimeError for a backend not available for the
     device, TypeError for a dtype the backend does not take; each names what is.
     """
     name = _requested(backend)
-    device_type = torch.device(device).type
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     if name == "auto":
-        for candidate in _AUTO_ORDER.get(_auto_key(device_type, dtype), ("torch",)):
-            if _available(candidate, device_type) and dtype in _DTYPES[(candidate, device_type)]:
-                return candidate
-        return "torch"
+        return _auto(device_type, dtype, family, size)
     if not _available(name, device_type):
         hint = ""
         if name == "triton" and device_type == "cpu":

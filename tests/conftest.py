@@ -79,6 +79,15 @@ def cpu_backend_one_thread():
         torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def auto_runs_kernels(monkeypatch):
+    """"auto" on the CPU picks the fused kernels at every size (no crossover): for tests of
+    what a fused path runs on small tensors."""
+    backends = sys.modules["pykernels.backends"]
+    monkeypatch.setattr(backends, "CPU_CROSSOVER", {
+        backends._CPU_CAPABILITY: dict.fromkeys(backends.CPU_CROSSOVER["AVX2"], 0)})
+
+
 @pytest.fixture(autouse=True)
 def _no_backend_env(monkeypatch):
     """Tests pick backends explicitly; a PYKERNELS_BACKEND from the shell must not leak in."""

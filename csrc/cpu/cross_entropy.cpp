@@ -191,8 +191,9 @@ void rows_impl(const at::Tensor& logits, const at::Tensor& target, const T* w,
       if (!prob) {
         t = idx[r];
         if (t == ignore_index || t < 0 || t >= C) {
-          // Ignored: contributes nothing. Out of range (the Python layer rejects it before
-          // any kernel runs; this keeps the kernel itself safe): NaN, never an index.
+          // Ignored: contributes nothing. Out of range (the Python layer rejects it, with
+          // check_targets, before any kernel runs; this keeps the kernel itself safe): NaN,
+          // never an index.
           const T fill = t == ignore_index ? T(0) : nan;
           loss[r] = fill;
           for (int64_t c = 0; gr.p != nullptr && c < C; ++c) gr[c] = fill;
@@ -236,6 +237,16 @@ at::Tensor cross_entropy_rows(const at::Tensor& logits, const at::Tensor& target
                         sc, sc_stride, loss.data_ptr<scalar_t>());
   });
   return loss;
+}
+
+void check_targets(const at::Tensor& target, int64_t num_classes, int64_t ignore_index) {
+  const at::Tensor t = target.contiguous();
+  const int64_t* idx = t.const_data_ptr<int64_t>();
+  for (int64_t r = 0, n = t.numel(); r < n; ++r) {
+    TORCH_CHECK_VALUE(idx[r] == ignore_index || (idx[r] >= 0 && idx[r] < num_classes),
+                      "target contains class index ", idx[r], ", outside [0, ", num_classes,
+                      ") and not ignore_index (", ignore_index, ")");
+  }
 }
 
 }  // namespace cpu

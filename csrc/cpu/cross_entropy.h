@@ -20,5 +20,9 @@ at::Tensor cross_entropy_rows(const at::Tensor& logits, const at::Tensor& target
                               double softcap, const std::optional<at::Tensor>& grad,
                               const std::optional<at::Tensor>& scale);
 
+// Index targets (int64, any shape) must be in [0, num_classes) or ignore_index: a
+// ValueError names the first other one. A loop on the host: no tensor operations.
+void check_targets(const at::Tensor& target, int64_t num_classes, int64_t ignore_index);
+
 }  // namespace cpu
 }  // namespace pykernels

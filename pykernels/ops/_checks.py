@@ -28,7 +28,9 @@ def tensor(t, name, *, floating=True, like=None, like_name="input", same_dtype=T
 def real(value, name, low=None, high=None, *, low_open=False, high_open=False, finite=False):
     """``value`` as a float: a real number (not a bool), not NaN, within the bounds given
     (open at a side with ``low_open`` / ``high_open``), finite when ``finite``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    # exact float / int first: numbers.Real is an ABC, whose isinstance costs host time
+    if type(value) not in (float, int) and (isinstance(value, bool)
+                                            or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a real number, got {value!r}")
     value = float(value)
     too_low = low is not None and (value <= low if low_open else value < low)
@@ -45,7 +47,8 @@ def real(value, name, low=None, high=None, *, low_open=False, high_open=False, f
 
 def integer(value, name, low=None):
     """``value`` as an int: an integer (not a bool), at least ``low``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if type(value) is not int and (isinstance(value, bool)
+                                   or not isinstance(value, numbers.Integral)):
         raise TypeError(f"{name} must be an int, got {value!r}")
     if low is not None and value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value}")

@@ -14,7 +14,7 @@ pykernels.triton.cross_entropy), with the math in kernels/cross_entropy.h:
 import torch
 
 from ..backends import kernel_extension
-from . import _checks
+from . import _checks, _route
 
 REDUCTION_NAMES = ("none", "mean", "sum")
 _REDUCTIONS = {name: i for i, name in enumerate(REDUCTION_NAMES)}
@@ -45,17 +45,26 @@ def view3d(t):
 
 
 def check_targets(target, num_classes, ignore_index):
-    """Index targets must be in [0, C) or ignore_index. Checked on the host for CPU tensors
-    before any kernel runs; on a GPU asynchronously (no host sync): a bad target fails the
-    device assertion, raised at the latest when the loss is read, and the kernels never use
-    it as an index (its row is NaN)."""
+    """Index targets must be in [0, C) or ignore_index. For CPU tensors a ValueError names
+    the first other one before any kernel runs: a loop on the host in pykernels._C, no
+    tensor operations. On a GPU asynchronously (no host sync): a bad target fails the device
+    assertion, raised at the latest when the loss is read, and the kernels never use it as
+    an index (its row is NaN)."""
+    if target.device.type == "cpu":
+        kernel_extension("cpu").cross_entropy_check_targets(target, num_classes, ignore_index)
+        return
     bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
-    if target.device.type != "cpu":
-        torch._assert_async(~bad.any(), "pykernels cross_entropy: target out of range")
-    elif bad.any():
-        value = int(target[bad][0])
-        raise ValueError(f"target contains class index {value}, outside [0, {num_classes}) "
-                         f"and not ignore_index ({ignore_index})")
+    torch._assert_async(~bad.any(), "pykernels cross_entropy: target out of range")
+
+
+def check_eager_targets(target, num_classes, ignore_index):
+    """check_targets for the torch composition's route, so that a bad CPU target raises the
+    kernels' ValueError at every size "auto" may route there (F.cross_entropy would raise
+    an IndexError of its own): eager calls with index targets only (fake tensors have no
+    data; under torch.compile the composition reports it)."""
+    if not target.is_floating_point() and target.device.type == "cpu" \
+            and _route.is_plain(target):
+        check_targets(target, num_classes, ignore_index)
 
 
 def _denominator(target, weight, ignore_index, acc):

@@ -24,6 +24,7 @@ import math
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
@@ -221,10 +222,14 @@ def _layout(query, key, value, enable_gqa):
     rank = max(query.dim(), key.dim(), value.dim()) - 2
     if rank == 0:
         return (), 1, 1
-    qs, ks, vs = ((1,) * (rank + 2 - t.dim()) + tuple(t.shape[:-2])
-                  for t in (query, key, value))
-    try:
-        batch = torch.broadcast_shapes(qs[:-1], ks[:-1], vs[:-1])
+    if query.dim() == key.dim() == value.dim():
+        qs, ks, vs = query.shape[:-2], key.shape[:-2], value.shape[:-2]
+    else:  # fewer dims broadcast as leading ones
+        qs, ks, vs = ((1,) * (rank + 2 - t.dim()) + tuple(t.shape[:-2])
+                      for t in (query, key, value))
+    try:  # equal batch dims, the usual case, skip torch.broadcast_shapes' host cost
+        batch = (torch.Size(qs[:-1]) if qs[:-1] == ks[:-1] == vs[:-1]
+                 else torch.broadcast_shapes(qs[:-1], ks[:-1], vs[:-1]))
     except RuntimeError:
         raise ValueError(f"the batch dims of query {tuple(query.shape)}, key "
                          f"{tuple(key.shape)} and value {tuple(value.shape)} do not "
@@ -349,10 +354,13 @@ def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
     lead, hq, hkv = _layout(query, key, value, enable_gqa)
     _check_mask(attn_mask, query, lead, key.shape[-2], is_causal)
     scale, left, right, cap = _check_options(query, key, dropout_p, scale, window, softcap)
-    name = resolve(backend, query.device, query.dtype)
+    name = resolve(backend, query.device, query.dtype, "attention",
+                   query.numel() * key.shape[-2])
     shape = lead + (query.shape[-2], value.shape[-1])
-    if name == "torch" or _contract.runs_composition(query, key, value, attn_mask):
-        return None, "torch", shape
+    if _contract.runs_composition(query, key, value, attn_mask):
+        return None, "reference", shape
+    if name == "torch":
+        return None, name, shape
     _check_backend(name, query, value, attn_mask, cap)
     rng = None
     if dropout_p > 0:  # seed and offset from torch's default CPU generator
@@ -362,6 +370,20 @@ def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
               _mask4d(attn_mask, query, lead, key.shape[-2], hq), scale, bool(is_causal),
               left, right, cap, float(dropout_p), rng)
     return inputs, name, shape
+
+
+def _torch_sdpa_agrees(query, key, value, attn_mask, enable_gqa, window, softcap):
+    """Whether F.scaled_dot_product_attention computes exactly this call's contract, so that
+    the torch backend can run PyTorch's own kernel instead of the composition: no mask,
+    window or softcap (so no row is left with nothing to attend to, where PyTorch's
+    kernels differ from the composition's zero), at least one key, and the 4-D (B, H, L, E)
+    layout with equal batch dims that every PyTorch kernel takes."""
+    if (attn_mask is not None or window is not None or softcap is not None
+            or not query.dim() == key.dim() == value.dim() == 4 or key.shape[2] == 0):
+        return False
+    heads = key.shape[:2]
+    return heads == value.shape[:2] and (query.shape[:2] == heads
+                                         or (enable_gqa and query.shape[0] == heads[0]))
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
@@ -381,7 +403,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     query, key, value, attn_mask = autocast_operands(query, key, value, attn_mask)
     inputs, name, shape = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                    enable_gqa, window, softcap, backend)
-    if name == "torch":
+    if name == "torch" and _torch_sdpa_agrees(query, key, value, attn_mask, enable_gqa, window,
+                                             softcap):
+        return F.scaled_dot_product_attention(
+            query, key, value, None, dropout_p, is_causal,
+            scale=None if scale is None else float(scale), enable_gqa=enable_gqa)
+    if name in ("torch", "reference"):
         return reference.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window,
             softcap)

@@ -20,11 +20,15 @@ _AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia", "ma
 def autocast_operands(*tensors):
     """``tensors`` cast to the autocast dtype of their device where autocast is on there
     (None and non-tensors pass through unchanged, for the argument checks to report)."""
-    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
-    # meta (and other device types without an autocast mode) have nothing to cast
-    if first is None or first.device.type not in _AUTOCAST_DEVICE_TYPES \
-            or not torch.is_autocast_enabled(first.device.type):
+    for first in tensors:
+        if isinstance(first, torch.Tensor):
+            break
+    else:
         return tensors
-    dtype = torch.get_autocast_dtype(first.device.type)
+    device_type = first.device.type
+    # meta (and other device types without an autocast mode) have nothing to cast
+    if device_type not in _AUTOCAST_DEVICE_TYPES or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _ELIGIBLE else t
                  for t in tensors)

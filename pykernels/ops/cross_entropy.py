@@ -43,6 +43,7 @@ from ._cross_entropy_common import (
     NONE,
     REDUCTION_NAMES,
     acc_dtype,
+    check_eager_targets,
     check_options,
     check_target_and_weight,
     check_targets,
@@ -77,8 +78,7 @@ def cross_entropy_forward(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     if not target.is_floating_point():
-        check_targets(target.reshape(-1), input.shape[reference.class_dim(input)],
-                      ignore_index)
+        check_targets(target, input.shape[reference.class_dim(input)], ignore_index)
     scale = (row_scale(reduction, target, weight, ignore_index, acc_dtype(input.dtype))
              if compute_grad else None)
     loss_rows, grad = _rows(input, target, weight, ignore_index, label_smoothing, z_loss,
@@ -244,13 +244,16 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
             True: the forward writes the gradient in the same pass as the loss and keeps
             only it (the logits can be freed), and the backward scales it in place; a
             second backward through the same graph then raises (autograd's "modified by an
-            inplace operation"), and create_graph=True raises.
+            inplace operation"), and create_graph=True raises. The torch composition
+            (backend='torch', or "auto" below its CPU size crossover) keeps PyTorch's
+            contract either way.
         backend: cpu, cuda, triton, torch or auto (see pykernels.backends).
     """
     red, ls, z, cap = _check_ce_args(input, target, weight, ignore_index, reduction,
                                      label_smoothing, z_loss, softcap, inplace_backward)
-    name = resolve(backend, input.device, input.dtype)
+    name = resolve(backend, input.device, input.dtype, "cross_entropy", input.numel())
     if name == "torch" or _contract.runs_composition(input, target):
+        check_eager_targets(target, input.shape[reference.class_dim(input)], ignore_index)
         return reference.cross_entropy(input, target, weight, ignore_index, reduction,
                                        label_smoothing, z_loss, softcap)
     loss, _ = _route.apply(cross_entropy_forward, input, target, weight, ignore_index, ls, z,

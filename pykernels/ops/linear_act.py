@@ -150,7 +150,8 @@ def linear_act(input, weight, bias=None, activation="none", *, negative_slope=0.
     input, weight, bias = autocast_operands(input, weight, bias)
     act = check_args(input, weight, bias, activation, negative_slope)
     negative_slope = float(negative_slope)
-    name = resolve(backend, input.device, input.dtype)
+    name = resolve(backend, input.device, input.dtype, "linear_act",
+                   input.numel() * weight.shape[0])
     if name == "torch" or _contract.runs_composition(input, weight, bias):
         return reference.linear_act(input, weight, bias, activation, negative_slope)
     save_preact = activation not in ("none",) + _KEEPS_OUTPUT

@@ -28,6 +28,7 @@ from ._cross_entropy_common import (
     NONE,
     REDUCTION_NAMES,
     acc_dtype,
+    check_eager_targets,
     check_options,
     check_target_and_weight,
     no_graph_after_inplace,
@@ -218,15 +219,18 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     chunk by chunk and keeps them; the backward returns them times grad_output as new
     tensors (default), or scales them in place with ``inplace_backward=True`` (no second
     copy of the weight-sized gradient; a second backward through the same graph then
-    raises, and so does create_graph=True).
+    raises, and so does create_graph=True; the torch composition, which "auto" runs below
+    its CPU size crossover, keeps PyTorch's contract either way).
     """
     input, linear_weight, linear_bias = autocast_operands(input, linear_weight, linear_bias)
     red, ls, z, cap = _check_lce_args(input, linear_weight, target, linear_bias, weight,
                                       ignore_index, reduction, label_smoothing, z_loss,
                                       softcap, chunk_size, inplace_backward)
-    name = resolve(backend, input.device, input.dtype)
+    name = resolve(backend, input.device, input.dtype, "linear_cross_entropy",
+                   input.numel() * linear_weight.shape[0])
     if name == "torch" or _contract.runs_composition(input, linear_weight, target,
                                                       linear_bias):
+        check_eager_targets(target, linear_weight.shape[0], ignore_index)
         return reference.linear_cross_entropy(input, linear_weight, target, linear_bias,
                                               weight, reduction, ignore_index,
                                               label_smoothing, z_loss, softcap)

@@ -163,7 +163,8 @@ def linear_glu(input, weight, bias=None, activation="silu", *, negative_slope=0.
     input, weight, bias = autocast_operands(input, weight, bias)
     act = _check_args(input, weight, bias, activation, negative_slope)
     negative_slope = float(negative_slope)
-    name = resolve(backend, input.device, input.dtype)
+    name = resolve(backend, input.device, input.dtype, "linear_glu",
+                   input.numel() * (weight.shape[0] // 2))
     if name == "torch" or _contract.runs_composition(input, weight, bias):
         return reference.linear_glu(input, weight, bias, activation, negative_slope)
     # gu = [g | u] is written only when a backward may need it.

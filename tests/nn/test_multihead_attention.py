@@ -89,7 +89,7 @@ def test_multihead_attention_fused_path_matches_torch(batch_first, dims, bias):
                                        msg=lambda m, i=i, kind=kind: f"{kind} grad {i}: {m}")
 
 
-def test_multihead_attention_fused_path_runs_the_kernel(monkeypatch):
+def test_multihead_attention_fused_path_runs_the_kernel(monkeypatch, auto_runs_kernels):
     used = spy_kernels(monkeypatch)
     ours, plain = _mha_pair()
     q, k, v = _mha_inputs(False)

@@ -377,7 +377,7 @@ def test_opinfo_samples(op_name, backend):
 # ---- what raises, and how ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("fn", ["cross_entropy", "linear_cross_entropy"])
-def test_inplace_backward_trades_the_contract_for_memory(fn):
+def test_inplace_backward_trades_the_contract_for_memory(fn, auto_runs_kernels):
     x = _randn(5, 4, seed=20)
     w = _randn(6, 4, seed=21)
     target = _class_targets((5,), 6, 22)

@@ -46,9 +46,11 @@ from cross_entropy_cases import (
     valid_case,
 )
 from torch.library import opcheck
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import pykernels
 from pykernels import reference
+from pykernels.ops import _cross_entropy_common as ce_common
 from pykernels.ops import linear_cross_entropy_chunks as lce_chunks
 from pykernels.testing import assert_low_precision_close
 
@@ -850,3 +852,35 @@ def test_gpu_opcheck_and_compile(backend):
     eager = loss_and_grad(fn, x, grad_output)
     for c, e in zip(compiled, eager, strict=True):
         torch.testing.assert_close(c, e)
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_cpu_target_check_is_a_host_loop():
+    """CPU index targets are checked by a loop in pykernels._C: no tensor operation (on a
+    tiny loss each small ATen op costs about what the loss itself does), the same
+    ValueError at every size and from every CPU backend."""
+    target = torch.tensor([[0, 3], [-100, 2]])
+    with _Recorder() as recorder:
+        ce_common.check_targets(target, 4, -100)
+    assert recorder.ops == []
+    with pytest.raises(ValueError, match=r"class index 5"):  # a strided view: read in order
+        ce_common.check_targets(torch.tensor([[0, 3], [5, 2]]).t(), 4, -100)
+    for bad, ignore in ((4, -100), (-1, -100), (-100, 3)):
+        with pytest.raises(ValueError, match=rf"class index {bad}, outside \[0, 4\) and not "
+                                             rf"ignore_index \({ignore}\)"):
+            ce_common.check_targets(torch.tensor([0, bad, 1]), 4, ignore)
+    logits, target = torch.randn(3, 4), torch.tensor([0, 4, 1])
+    for backend in cpu_kernel_backends() + ["torch", None]:
+        with pytest.raises(ValueError, match=r"class index 4, outside \[0, 4\)"):
+            pykernels.cross_entropy(logits, target, backend=backend)
+        with pytest.raises(ValueError, match=r"class index 4, outside \[0, 4\)"):
+            pykernels.linear_cross_entropy(logits, torch.randn(4, 4), target, backend=backend)

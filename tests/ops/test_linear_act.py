@@ -209,9 +209,9 @@ def ran_on(out):
     return getattr(node, "backend", "torch")
 
 
-def test_backend_selection_order(monkeypatch):
+def test_backend_selection_order(monkeypatch, auto_runs_kernels):
     x, w, b = make_inputs((2,), 3, 2, True, dtype=torch.float32)
-    assert ran_on(pykernels.linear_act(x, w, b)) == "cpu"  # auto on CPU
+    assert ran_on(pykernels.linear_act(x, w, b)) == "cpu"  # auto on CPU (fixture: any size)
     monkeypatch.setenv("PYKERNELS_BACKEND", "torch")
     assert ran_on(pykernels.linear_act(x, w, b)) == "torch"
     with pykernels.use_backend("cpu"):
@@ -223,7 +223,7 @@ def test_backend_selection_order(monkeypatch):
     assert ran_on(pykernels.linear_act(x, w, b)) == "torch"
 
 
-def test_float64_auto_and_half_on_cpu():
+def test_float64_auto_and_half_on_cpu(auto_runs_kernels):
     x, w, b = make_inputs((2,), 3, 2, True, dtype=torch.float64)
     assert ran_on(pykernels.linear_act(x, w, b)) == "cpu"
     xh, wh = x.detach().bfloat16(), w.detach().bfloat16()
