@@ -13,8 +13,8 @@ pykernels.triton.cross_entropy), with the math in kernels/cross_entropy.h:
 
 import torch
 
-from ..backends import kernel_extension
-from . import _checks, _route
+from ..backends import extension, kernel_extension
+from . import _checks
 
 REDUCTION_NAMES = ("none", "mean", "sum")
 _REDUCTIONS = {name: i for i, name in enumerate(REDUCTION_NAMES)}
@@ -60,11 +60,13 @@ def check_targets(target, num_classes, ignore_index):
 def check_eager_targets(target, num_classes, ignore_index):
     """check_targets for the torch composition's route, so that a bad CPU target raises the
     kernels' ValueError at every size "auto" may route there (F.cross_entropy would raise
-    an IndexError of its own): eager calls with index targets only (fake tensors have no
-    data; under torch.compile the composition reports it)."""
-    if not target.is_floating_point() and target.device.type == "cpu" \
-            and _route.is_plain(target):
-        check_targets(target, num_classes, ignore_index)
+    an IndexError of its own). Only index targets of ordinary CPU tensors in an eager call:
+    fake, meta and traced tensors have no data, and F.cross_entropy still reports a bad
+    target there (as it does where pykernels._C is not built)."""
+    ext = extension()
+    if (ext is not None and type(target) is torch.Tensor and target.dtype == torch.int64
+            and target.is_cpu and not torch.compiler.is_compiling()):
+        ext.cross_entropy_check_targets(target, num_classes, ignore_index)
 
 
 def _denominator(target, weight, ignore_index, acc):
