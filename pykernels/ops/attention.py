@@ -211,29 +211,26 @@ def _layout(query, key, value, enable_gqa):
     key/value head, or a GQA group, is read by its query heads without a copy; a broadcast
     batch dim is materialised by the reshape.
     """
-    if key.shape[-1] != query.shape[-1] or query.shape[-1] == 0:
-        raise ValueError(f"key must have query's feature size E = {query.shape[-1]} >= 1 "
-                         f"(key.shape[-1]), got query {tuple(query.shape)}, key "
-                         f"{tuple(key.shape)}")
-    if value.shape[-2] != key.shape[-2] or value.shape[-1] == 0:
-        raise ValueError(f"value must be (..., S, Ev) with key's length S = {key.shape[-2]} "
-                         f"and Ev >= 1, got value {tuple(value.shape)}, key "
-                         f"{tuple(key.shape)}")
-    rank = max(query.dim(), key.dim(), value.dim()) - 2
+    qsh, ksh, vsh = query.shape, key.shape, value.shape  # each .shape builds a torch.Size
+    if ksh[-1] != qsh[-1] or qsh[-1] == 0:
+        raise ValueError(f"key must have query's feature size E = {qsh[-1]} >= 1 "
+                         f"(key.shape[-1]), got query {tuple(qsh)}, key {tuple(ksh)}")
+    if vsh[-2] != ksh[-2] or vsh[-1] == 0:
+        raise ValueError(f"value must be (..., S, Ev) with key's length S = {ksh[-2]} "
+                         f"and Ev >= 1, got value {tuple(vsh)}, key {tuple(ksh)}")
+    rank = max(len(qsh), len(ksh), len(vsh)) - 2
     if rank == 0:
         return (), 1, 1
-    if query.dim() == key.dim() == value.dim():
-        qs, ks, vs = query.shape[:-2], key.shape[:-2], value.shape[:-2]
+    if len(qsh) == len(ksh) == len(vsh):
+        qs, ks, vs = qsh[:-2], ksh[:-2], vsh[:-2]
     else:  # fewer dims broadcast as leading ones
-        qs, ks, vs = ((1,) * (rank + 2 - t.dim()) + tuple(t.shape[:-2])
-                      for t in (query, key, value))
+        qs, ks, vs = ((1,) * (rank + 2 - len(t)) + tuple(t[:-2]) for t in (qsh, ksh, vsh))
     try:  # equal batch dims, the usual case, skip torch.broadcast_shapes' host cost
         batch = (torch.Size(qs[:-1]) if qs[:-1] == ks[:-1] == vs[:-1]
                  else torch.broadcast_shapes(qs[:-1], ks[:-1], vs[:-1]))
     except RuntimeError:
-        raise ValueError(f"the batch dims of query {tuple(query.shape)}, key "
-                         f"{tuple(key.shape)} and value {tuple(value.shape)} do not "
-                         f"broadcast") from None
+        raise ValueError(f"the batch dims of query {tuple(qsh)}, key {tuple(ksh)} and value "
+                         f"{tuple(vsh)} do not broadcast") from None
     hq, hk, hv = qs[-1], ks[-1], vs[-1]
     if hk != hv and 1 not in (hk, hv):
         raise ValueError(f"key and value must have the same number of heads, got {hk} and "
@@ -378,12 +375,13 @@ def _torch_sdpa_agrees(query, key, value, attn_mask, enable_gqa, window, softcap
     window or softcap (so no row is left with nothing to attend to, where PyTorch's
     kernels differ from the composition's zero), at least one key, and the 4-D (B, H, L, E)
     layout with equal batch dims that every PyTorch kernel takes."""
-    if (attn_mask is not None or window is not None or softcap is not None
-            or not query.dim() == key.dim() == value.dim() == 4 or key.shape[2] == 0):
+    if attn_mask is not None or window is not None or softcap is not None:
         return False
-    heads = key.shape[:2]
-    return heads == value.shape[:2] and (query.shape[:2] == heads
-                                         or (enable_gqa and query.shape[0] == heads[0]))
+    qsh, ksh, vsh = query.shape, key.shape, value.shape
+    if not len(qsh) == len(ksh) == len(vsh) == 4 or ksh[2] == 0:
+        return False
+    heads = ksh[:2]
+    return heads == vsh[:2] and (qsh[:2] == heads or (enable_gqa and qsh[0] == heads[0]))
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
