@@ -404,8 +404,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if name == "torch" and _torch_sdpa_agrees(query, key, value, attn_mask, enable_gqa, window,
                                              softcap):
         return F.scaled_dot_product_attention(
-            query, key, value, None, dropout_p, is_causal,
-            scale=None if scale is None else float(scale), enable_gqa=enable_gqa)
+            query, key, value, None, float(dropout_p), bool(is_causal),
+            scale=None if scale is None else float(scale), enable_gqa=bool(enable_gqa))
     if name in ("torch", "reference"):
         return reference.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window,
