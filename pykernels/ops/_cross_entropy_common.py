@@ -69,10 +69,14 @@ def check_eager_targets(target, num_classes, ignore_index):
         ext.cross_entropy_check_targets(target, num_classes, ignore_index)
 
 
-def _denominator(target, weight, ignore_index, acc):
-    """The 'mean' divisor PyTorch uses, as a device tensor: the summed class weight of the
-    non-ignored index targets (their count without weights), or the row count for
-    probability targets. Out-of-range targets are clamped for the gather only."""
+def mean_denominator(reduction, target, weight, ignore_index, acc):
+    """For reduction 'mean', the divisor PyTorch uses, as a device tensor (None for the
+    other reductions): the summed class weight of the non-ignored index targets (their count
+    without weights), or the row count for probability targets. Out-of-range targets are
+    clamped for the gather only. A forward computes it once for its loss and its gradient's
+    scale."""
+    if reduction != MEAN:
+        return None
     if target.is_floating_point():
         rows = target.shape[0] if target.dim() > 1 else 1
         if target.dim() > 2:
@@ -85,20 +89,20 @@ def _denominator(target, weight, ignore_index, acc):
     return (weight.to(acc)[classes] * valid).sum()
 
 
-def _mean(total, target, weight, ignore_index):
+def _mean(total, denominator):
     """total / the 'mean' denominator; NaN when that is 0, as in PyTorch, where the
     nll part is then 0/0 whatever the label-smoothing part adds."""
-    denominator = _denominator(target, weight, ignore_index, total.dtype)
     return torch.where(denominator == 0, torch.nan, total / denominator)
 
 
-def row_scale(reduction, target, weight, ignore_index, acc):
-    """The (1,) factor the forward folds into the gradient: 1 / denominator for 'mean'."""
-    one = torch.ones(1, dtype=acc, device=target.device)
-    return _mean(one, target, weight, ignore_index) if reduction == MEAN else one
+def row_scale(denominator, acc, device):
+    """The (1,) factor the forward folds into the gradient: 1 / the 'mean' denominator, 1
+    for the other reductions (denominator None)."""
+    one = torch.ones(1, dtype=acc, device=device)
+    return one if denominator is None else _mean(one, denominator)
 
 
-def reduce(loss_rows, reduction, target, weight, ignore_index, shape, dtype):
+def reduce(loss_rows, reduction, denominator, shape, dtype):
     if reduction == NONE:
         # A view of the row buffer would be an output autograd treats as a view, so that
         # in-place changes to the loss (``loss *= w``) would raise: copy the N values.
@@ -106,7 +110,7 @@ def reduce(loss_rows, reduction, target, weight, ignore_index, shape, dtype):
         return loss.to(dtype) if loss.dtype != dtype else loss.clone()
     total = loss_rows.sum()
     if reduction == MEAN:
-        total = _mean(total, target, weight, ignore_index)
+        total = _mean(total, denominator)
     return total.to(dtype)
 
 

@@ -47,6 +47,7 @@ from ._cross_entropy_common import (
     check_options,
     check_target_and_weight,
     check_targets,
+    mean_denominator,
     no_graph_after_inplace,
     reduce,
     row_kernels,
@@ -79,12 +80,12 @@ def cross_entropy_forward(
 ) -> tuple[Tensor, Tensor]:
     if not target.is_floating_point():
         check_targets(target, input.shape[reference.class_dim(input)], ignore_index)
-    scale = (row_scale(reduction, target, weight, ignore_index, acc_dtype(input.dtype))
-             if compute_grad else None)
+    acc = acc_dtype(input.dtype)
+    denominator = mean_denominator(reduction, target, weight, ignore_index, acc)
+    scale = row_scale(denominator, acc, input.device) if compute_grad else None
     loss_rows, grad = _rows(input, target, weight, ignore_index, label_smoothing, z_loss,
                             softcap, scale, backend)
-    loss = reduce(loss_rows, reduction, target, weight, ignore_index, _loss_shape(input),
-                  input.dtype)
+    loss = reduce(loss_rows, reduction, denominator, _loss_shape(input), input.dtype)
     return loss, (grad if compute_grad else input.new_empty(EMPTY))
 
 
@@ -145,8 +146,10 @@ def cross_entropy_backward(
     scale * dloss/dlogits with scale = grad_loss (one value, or one per row for 'none')
     times 1 / the mean's denominator."""
     acc = acc_dtype(input.dtype)
-    scale = row_scale(reduction, target, weight, ignore_index, acc) \
-        * grad_loss.to(acc).reshape(-1)
+    scale = grad_loss.to(acc).reshape(-1)
+    denominator = mean_denominator(reduction, target, weight, ignore_index, acc)
+    if denominator is not None:  # the forward's factor, as the default forward folds it
+        scale = row_scale(denominator, acc, input.device) * scale
     _, grad = _rows(input, target, weight, ignore_index, label_smoothing, z_loss, softcap,
                     scale.contiguous(), backend)
     return grad

@@ -31,6 +31,7 @@ from ._cross_entropy_common import (
     check_eager_targets,
     check_options,
     check_target_and_weight,
+    mean_denominator,
     no_graph_after_inplace,
     reduce,
     row_scale,
@@ -58,12 +59,12 @@ def linear_cross_entropy_forward(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     acc = acc_dtype(input.dtype)
-    scale = row_scale(reduction, target, weight, ignore_index, acc) if compute_grad else None
+    denominator = mean_denominator(reduction, target, weight, ignore_index, acc)
+    scale = row_scale(denominator, acc, input.device) if compute_grad else None
     loss_rows, grads = chunk_loop(input, linear_weight, target, linear_bias, weight,
                                   ignore_index, label_smoothing, z_loss, softcap, chunk_size,
                                   backend, scale, compute_grad)
-    loss = reduce(loss_rows, reduction, target, weight, ignore_index, input.shape[:1],
-                  input.dtype)
+    loss = reduce(loss_rows, reduction, denominator, input.shape[:1], input.dtype)
     return (loss,) + tuple(input.new_empty(EMPTY) if g is None else g for g in grads)
 
 
