@@ -9,14 +9,15 @@ synchronisation that stalls the stream and breaks CUDA-graph capture.
 CPU fake tensors go forward and backward through each kernel backend's route (the custom
 ops' fake kernels and the registered backward). Fake CUDA tensors (no GPU needed) go
 through the public functions' GPU route for the cuda and triton backends, forward only:
-a CPU build of torch cannot record autograd on CUDA tensors.
+a CPU build of torch cannot record autograd on CUDA tensors. On a GPU (cuda-marked) each
+op's forward and backward are captured in a CUDA graph and replayed.
 """
 
 import importlib
 
 import pytest
 import torch
-from conftest import cpu_kernel_backends
+from conftest import cpu_kernel_backends, gpu_kernel_backends
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 import pykernels
@@ -92,6 +93,44 @@ def test_gpu_route_reads_no_data(op, backend, monkeypatch):
         out = call()
     assert out.device.type == "cuda" and out.dtype == torch.bfloat16
     assert tuple(out.shape) == _real_shapes("torch")[op]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("backend", gpu_kernel_backends())
+def test_cuda_graph_captures_forward_and_backward(op, backend):
+    """On a GPU a call and its backward are captured in one CUDA graph (torch.cuda.graph):
+    a host synchronisation anywhere in either (an .item(), a data-dependent branch) raises
+    during capture. A replay gives what the same call computes eagerly (same dropout seed;
+    bf16 tolerances, as reductions may be ordered differently)."""
+    def make(*shape, index=False):
+        if index:
+            return torch.randint(0, 12, shape, device="cuda")
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16).requires_grad_()
+
+    torch.manual_seed(0)
+    call, inputs = _calls(make, backend)[op]
+
+    def step():
+        out = call()
+        return (out, *torch.autograd.grad(out, inputs, torch.ones_like(out)))
+
+    torch.manual_seed(1)
+    expected = step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as PyTorch asks
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    torch.manual_seed(1)  # the dropout seed is drawn on the host while capturing
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(captured, expected, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("op", OPS)
