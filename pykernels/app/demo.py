@@ -408,8 +408,11 @@ def run(args, out=print):
         "dtype": str(dtype).replace("torch.", ""), "quick": args.quick, "seed": args.seed,
         "sizes": asdict(sizes),
     }
+    how = backend
+    if backend == "auto" and device == "cpu":
+        how = "auto: calls below an op's measured size crossover run the torch composition"
     out(f"pykernels {__version__} demo on {name}: fused models on backend "
-        f"{report['backend']['runs']!r} ({backend}), {report['dtype']}")
+        f"{report['backend']['runs']!r} ({how}), {report['dtype']}")
 
     seconds = report["seconds"] = {}
     clock = time.perf_counter()
