@@ -72,6 +72,17 @@ CPU_CROSSOVER = {
 _CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
 
 
+def crossovers(capability):
+    """{family: the size from which "auto" runs the cpu kernels}, for a CPU of torch's
+    ``capability``; inf where they were never measured faster (and for capabilities
+    without a table)."""
+    table = CPU_CROSSOVER.get(capability, dict.fromkeys(CPU_CROSSOVER["AVX2"]))
+    return {family: float("inf") if size is None else size for family, size in table.items()}
+
+
+_CPU_KERNELS_FROM = crossovers(_CPU_CAPABILITY)
+
+
 def load_auto_order(path=AUTO_ORDER_FILE):
     """The "auto" orders: the evidence-free ones, with those for CUDA that ``path`` (a JSON
     file of GPU results, {"order": {"cuda/half": [...], "cuda/float32": [...]}, ...}) gives.
@@ -102,6 +113,13 @@ def load_auto_order(path=AUTO_ORDER_FILE):
 _AUTO_ORDER = load_auto_order()
 
 _stack = []  # use_backend's selections, innermost last
+
+# PYKERNELS_BACKEND as os.environ keeps it: a membership test in os.environ's own mapping
+# costs ~45 ns a call where os.environ.get costs ~1 us (it encodes the key each time);
+# os.environ updates that mapping on every change, so a value set at run time is seen.
+_ENV_NAME = "PYKERNELS_BACKEND"
+_ENVIRON = os.environ._data
+_ENV_KEY = os.environ.encodekey(_ENV_NAME)
 
 
 def _import_extension():
@@ -193,11 +211,23 @@ def _requested(backend):
         return backend
     if _stack:
         return _stack[-1]
-    env = os.environ.get("PYKERNELS_BACKEND")
+    env = os.environ.get(_ENV_NAME) if _ENV_KEY in _ENVIRON else None
     if env:
-        _check_name(env, "PYKERNELS_BACKEND")
+        _check_name(env, _ENV_NAME)
         return env
     return "auto"
+
+
+def default_is_auto(backend):
+    """Whether a call's ``backend`` argument leaves the choice to "auto": None, outside
+    every use_backend block, PYKERNELS_BACKEND unset (the slow way's cheap first test)."""
+    return backend is None and not _stack and _ENV_KEY not in _ENVIRON
+
+
+def cpu_kernels_from(family):
+    """The size of a call from which "auto" runs the cpu kernels of ``family`` on this
+    machine (CPU_CROSSOVER); inf where they were never measured faster than eager."""
+    return _CPU_KERNELS_FROM[family]
 
 
 def _auto_key(device_type, dtype):
@@ -209,10 +239,8 @@ def _auto_key(device_type, dtype):
 def _auto(device_type, dtype, family, size):
     for candidate in _AUTO_ORDER.get(_auto_key(device_type, dtype), ("torch",)):
         if _available(candidate, device_type) and dtype in _DTYPES[(candidate, device_type)]:
-            if candidate == "cpu" and family is not None:
-                crossover = CPU_CROSSOVER.get(_CPU_CAPABILITY, {}).get(family)
-                if crossover is None or size < crossover:
-                    return "torch"
+            if candidate == "cpu" and family is not None and size < _CPU_KERNELS_FROM[family]:
+                return "torch"
             return candidate
     return "torch"
 

@@ -84,8 +84,8 @@ def auto_runs_kernels(monkeypatch):
     """"auto" on the CPU picks the fused kernels at every size (no crossover): for tests of
     what a fused path runs on small tensors."""
     backends = sys.modules["pykernels.backends"]
-    monkeypatch.setattr(backends, "CPU_CROSSOVER", {
-        backends._CPU_CAPABILITY: dict.fromkeys(backends.CPU_CROSSOVER["AVX2"], 0)})
+    monkeypatch.setattr(backends, "_CPU_KERNELS_FROM",
+                        dict.fromkeys(backends.CPU_CROSSOVER["AVX2"], 0))
 
 
 @pytest.fixture(autouse=True)

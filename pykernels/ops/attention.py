@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from ..backends import backends, kernel_extension, resolve
-from . import _checks, _contract, _route
+from ..backends import backends, cpu_kernels_from, kernel_extension, resolve
+from . import _checks, _contract, _route, _shortcut
 from .autocast import autocast_operands
 
 # Head dims each kernel backend takes (the 'torch' backend takes any): E and Ev up to 256 on
@@ -384,6 +384,14 @@ def _torch_sdpa_agrees(query, key, value, attn_mask, enable_gqa, window, softcap
     return heads == vsh[:2] and (qsh[:2] == heads or (enable_gqa and qsh[0] == heads[0]))
 
 
+def _shortcut_shapes(qsh, ksh, vsh):
+    """For the shortcut (pykernels/ops/_shortcut.py): (B, H, L, E) query and (B, H, S, E)
+    key and value with S, E >= 1, the shapes where F.scaled_dot_product_attention computes
+    what _torch_sdpa_agrees lets the full way give it (no broadcasting batch or heads)."""
+    return (len(qsh) == len(ksh) == len(vsh) == 4 and qsh[:2] == ksh[:2] == vsh[:2]
+            and ksh[2] == vsh[2] > 0 and qsh[3] == ksh[3] > 0 and vsh[3] > 0)
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
                                  is_causal=False, scale=None, enable_gqa=False, *, window=None,
                                  softcap=None, backend=None):
@@ -398,6 +406,19 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     torch's default generator (reproducible under torch.manual_seed); the backward reuses
     the forward's mask.
     """
+    if (_shortcut.eager_cpu(backend, query) and attn_mask is None and window is None
+            and softcap is None and enable_gqa is False and type(is_causal) is bool
+            and type(dropout_p) is float and 0.0 <= dropout_p < 1.0
+            and (scale is None or (type(scale) is float and -math.inf < scale < math.inf))
+            and type(key) in _shortcut.PLAIN and type(value) in _shortcut.PLAIN
+            and key.is_cpu and value.is_cpu
+            and _shortcut_shapes(query.shape, key.shape, value.shape)
+            and query.numel() * key.shape[2] < cpu_kernels_from("attention")):
+        try:
+            return F.scaled_dot_product_attention(query, key, value, None, dropout_p,
+                                                  is_causal, scale=scale)
+        except Exception:
+            pass  # rejected by F.scaled_dot_product_attention: the full way raises ours
     query, key, value, attn_mask = autocast_operands(query, key, value, attn_mask)
     inputs, name, shape = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                    enable_gqa, window, softcap, backend)

@@ -33,11 +33,12 @@ Registered as torch.library custom ops with fake kernels and autograd:
 """
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from ..backends import resolve
-from . import _checks, _contract, _route
+from ..backends import cpu_kernels_from, resolve
+from . import _checks, _contract, _route, _shortcut
 from ._cross_entropy_common import (
     EMPTY,
     NONE,
@@ -53,6 +54,7 @@ from ._cross_entropy_common import (
     row_kernels,
     row_scale,
     scaled_in_place,
+    shortcut_options,
     view3d,
 )
 
@@ -252,6 +254,16 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
             contract either way.
         backend: cpu, cuda, triton, torch or auto (see pykernels.backends).
     """
+    if (_shortcut.eager_cpu(backend, input) and type(target) in _shortcut.PLAIN
+            and target.is_cpu and target.dtype is torch.int64
+            and shortcut_options(weight, ignore_index, reduction, label_smoothing, z_loss,
+                                 softcap, inplace_backward)
+            and 0 < input.numel() < cpu_kernels_from("cross_entropy")):
+        try:
+            return F.cross_entropy(input, target, ignore_index=ignore_index,
+                                   reduction=reduction, label_smoothing=label_smoothing)
+        except Exception:
+            pass  # rejected by F.cross_entropy: the full way raises pykernels' own error
     red, ls, z, cap = _check_ce_args(input, target, weight, ignore_index, reduction,
                                      label_smoothing, z_loss, softcap, inplace_backward)
     name = resolve(backend, input.device, input.dtype, "cross_entropy", input.numel())

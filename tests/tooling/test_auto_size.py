@@ -27,7 +27,7 @@ def test_every_family_has_a_crossover_per_capability():
 @pytest.mark.parametrize("capability", CAPABILITIES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_crossover_splits_auto(monkeypatch, capability, family):
-    monkeypatch.setattr(backends, "_CPU_CAPABILITY", capability)
+    monkeypatch.setattr(backends, "_CPU_KERNELS_FROM", backends.crossovers(capability))
     crossover = backends.CPU_CROSSOVER[capability][family]
     if crossover is None:  # never measured faster: the composition at every size
         assert backends.resolve(None, "cpu", torch.float32, family, 1 << 62) == "torch"
@@ -43,7 +43,7 @@ def test_crossover_splits_auto(monkeypatch, capability, family):
 
 
 def test_cpu_without_simd_kernels_keeps_the_composition(monkeypatch):
-    monkeypatch.setattr(backends, "_CPU_CAPABILITY", "DEFAULT")
+    monkeypatch.setattr(backends, "_CPU_KERNELS_FROM", backends.crossovers("DEFAULT"))
     for family in FAMILIES:
         assert backends.resolve(None, "cpu", torch.float32, family, 1 << 62) == "torch"
 
@@ -57,7 +57,7 @@ def test_cuda_auto_does_not_look_at_the_size(monkeypatch):
 
 def _calls():
     """{family: (call, expected size)}: each public function on small tensors, with the
-    size its docstring in pykernels.backends defines."""
+    size its docstring in pykernels.backends defines; ``call(**kw)`` passes kw on."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 5, generator=g)
     w, glu_w = torch.randn(6, 5, generator=g), torch.randn(12, 5, generator=g)
@@ -65,18 +65,21 @@ def _calls():
     target = torch.randint(0, 6, (12,), generator=g)
     q, k, v = (torch.randn(2, 3, n, 8, generator=g) for n in (5, 9, 9))
     return {
-        "linear_act": (lambda: pykernels.linear_act(x, w, None, "gelu"), 3 * 4 * 5 * 6),
-        "linear_glu": (lambda: pykernels.linear_glu(x, glu_w), 3 * 4 * 5 * 6),
-        "cross_entropy": (lambda: pykernels.cross_entropy(logits, target), 12 * 7),
-        "linear_cross_entropy": (lambda: pykernels.linear_cross_entropy(
-            x.reshape(12, 5), w, target), 12 * 5 * 6),
-        "attention": (lambda: pykernels.scaled_dot_product_attention(q, k, v),
+        "linear_act": (lambda **kw: pykernels.linear_act(x, w, None, "gelu", **kw),
+                       3 * 4 * 5 * 6),
+        "linear_glu": (lambda **kw: pykernels.linear_glu(x, glu_w, **kw), 3 * 4 * 5 * 6),
+        "cross_entropy": (lambda **kw: pykernels.cross_entropy(logits, target, **kw), 12 * 7),
+        "linear_cross_entropy": (lambda **kw: pykernels.linear_cross_entropy(
+            x.reshape(12, 5), w, target, **kw), 12 * 5 * 6),
+        "attention": (lambda **kw: pykernels.scaled_dot_product_attention(q, k, v, **kw),
                       2 * 3 * 5 * 9 * 8),
     }
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_public_functions_pass_their_family_and_size(monkeypatch, family):
+    """The full way (backend="auto" by name: small calls with the default backend take
+    the shortcut of pykernels/ops/_shortcut.py, tested in tests/ops/test_shortcut.py)."""
     seen = []
     module = importlib.import_module(f"pykernels.ops.{family}")
 
@@ -85,7 +88,7 @@ def test_public_functions_pass_their_family_and_size(monkeypatch, family):
         return "torch"
     monkeypatch.setattr(module, "resolve", spy)
     call, size = _calls()[family]
-    call()
+    call(backend="auto")
     assert seen == [(family, size)]
 
 
