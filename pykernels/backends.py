@@ -54,17 +54,19 @@ AUTO_ORDER_FILE = Path(__file__).resolve().parent.parent / "bench" / "results" /
 # On the CPU "auto" also weighs the size of a call: below a family's crossover the torch
 # composition (eager's own operators) was measured faster, forward + backward, than the
 # fused kernels (bench/bench_overhead.py's size sweep, bench/results/overhead_cpu.md): a
-# call's fixed host cost outweighs what fusion saves on small tensors, and without
-# AVX-512 the linear_act kernels run ATen's GEMM and were never measured faster than eager.
+# call's fixed host cost outweighs what fusion saves on small tensors.
 # Sizes: rows * in * out (linear families), rows * classes (cross_entropy),
 # rows * hidden * vocab (linear_cross_entropy), batch * heads * L * S * head dim
 # (attention). Keyed by torch's CPU capability, which also picks the kernels' own SIMD
-# level; None: the kernels were not measured faster at any size there. With AVX-512 the
-# linear families were measured only at 4096x512x512 (1.05-1.29x eager), so they start
-# there; the other families' loops only get faster with AVX-512, so the AVX2 crossover
-# stands for both. GPU calls keep the order above: their rule comes from GPU results.
+# level; None: no size from which the kernels were measured faster on every machine of
+# that capability measured. linear_act: on AMD EPYC without AVX-512, 0.83-0.99x eager at every
+# size; with AVX-512, 1.05-1.29x at 4096x512x512 on a Zen 4 EPYC but 0.87-0.89x on an
+# Intel Xeon (bench_linear_act, the forward 0.87x): the composition on both. The other
+# families' crossovers were measured without AVX-512 and hold on the Intel Xeon with it
+# (bench_overhead's sweep, 2026-12-02). GPU calls keep the order above: their rule comes
+# from GPU results.
 CPU_CROSSOVER = {
-    "AVX512": {"linear_act": 1 << 30, "linear_glu": 1 << 30, "cross_entropy": 1 << 23,
+    "AVX512": {"linear_act": None, "linear_glu": 1 << 30, "cross_entropy": 1 << 23,
                "linear_cross_entropy": 1 << 30, "attention": 1 << 24},
     "AVX2": {"linear_act": None, "linear_glu": 1 << 25, "cross_entropy": 1 << 23,
              "linear_cross_entropy": 1 << 30, "attention": 1 << 24},

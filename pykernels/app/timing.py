@@ -4,7 +4,9 @@
 The variants of one comparison are timed in interleaved rounds: each round runs a block
 of calls of every variant in turn and records each block's time per call. A machine whose
 load changes during the run then slows all variants alike, and the ratio of two variants
-within one round compares like with like. A variant's time is the median of its rounds;
+within one round compares like with like. Each round starts one variant later than the
+previous one, so that no variant always runs right after the same other one (whose
+caches and allocations it would inherit). A variant's time is the median of its rounds;
 its spread is the interquartile range of the rounds (robust to one disturbed round on a
 shared machine, and meaningful from five rounds up).
 
@@ -47,7 +49,9 @@ def interleaved(calls, rounds, *, repeats=None, sync=lambda: None, budget_s=None
     for done in range(max(rounds, MIN_ROUNDS)):
         if done >= MIN_ROUNDS and budget_s is not None and time.perf_counter() - start > budget_s:
             break
-        for name in list(samples):
+        names = list(samples)
+        first = done % len(names) if names else 0
+        for name in names[first:] + names[:first]:
             count = repeats.get(name, 1)
             try:
                 sync()

@@ -384,12 +384,18 @@ def _torch_sdpa_agrees(query, key, value, attn_mask, enable_gqa, window, softcap
     return heads == vsh[:2] and (qsh[:2] == heads or (enable_gqa and qsh[0] == heads[0]))
 
 
-def _shortcut_shapes(qsh, ksh, vsh):
-    """For the shortcut (pykernels/ops/_shortcut.py): (B, H, L, E) query and (B, H, S, E)
-    key and value with S, E >= 1, the shapes where F.scaled_dot_product_attention computes
-    what _torch_sdpa_agrees lets the full way give it (no broadcasting batch or heads)."""
-    return (len(qsh) == len(ksh) == len(vsh) == 4 and qsh[:2] == ksh[:2] == vsh[:2]
-            and ksh[2] == vsh[2] > 0 and qsh[3] == ksh[3] > 0 and vsh[3] > 0)
+def _shortcut_size(query, key, value):
+    """For the shortcut (pykernels/ops/_shortcut.py): the call's size B * H * L * S * E
+    when the operands are a (B, H, L, E) query and (B, H, S, E) key and (B, H, S, Ev) value
+    with S, E, Ev >= 1, the shapes where F.scaled_dot_product_attention computes what
+    _torch_sdpa_agrees lets the full way give it (no broadcast batch or heads); else 0."""
+    qsh, ksh, vsh = query.shape, key.shape, value.shape
+    if not len(qsh) == len(ksh) == len(vsh) == 4:
+        return 0
+    (b, h, length, e), (bk, hk, s, ek), (bv, hv, sv, ev) = qsh, ksh, vsh
+    if b == bk == bv and h == hk == hv and s == sv and e == ek and ev > 0:
+        return b * h * length * s * e
+    return 0
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
@@ -412,8 +418,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             and (scale is None or (type(scale) is float and -math.inf < scale < math.inf))
             and type(key) in _shortcut.PLAIN and type(value) in _shortcut.PLAIN
             and key.is_cpu and value.is_cpu
-            and _shortcut_shapes(query.shape, key.shape, value.shape)
-            and query.numel() * key.shape[2] < cpu_kernels_from("attention")):
+            and 0 < _shortcut_size(query, key, value) < cpu_kernels_from("attention")):
         try:
             return F.scaled_dot_product_attention(query, key, value, None, dropout_p,
                                                   is_causal, scale=scale)
