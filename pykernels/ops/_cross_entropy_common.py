@@ -154,6 +154,14 @@ def shortcut_options(weight, ignore_index, reduction, label_smoothing, z_loss, s
             and reduction in REDUCTION_NAMES and type(inplace_backward) is bool)
 
 
+def composition_loss(logits, target, ignore_index, reduction, label_smoothing):
+    """F.cross_entropy(logits, target, ...) without class weights, for the shortcut: the
+    ATen op that F.cross_entropy calls, without its Python wrapper (its torch-function
+    check and reduction lookup: ~0.2 us of a 5 us call)."""
+    return torch._C._nn.cross_entropy_loss(logits, target, None, _REDUCTIONS[reduction],
+                                           ignore_index, label_smoothing)
+
+
 def check_target_and_weight(logits_shape, input, target, weight, target_name="target"):
     """target: int64 of logits_shape less the class dim, or probabilities of logits_shape
     in input's dtype; weight: (C,) floating."""

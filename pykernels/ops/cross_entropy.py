@@ -33,7 +33,6 @@ Registered as torch.library custom ops with fake kernels and autograd:
 """
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
@@ -48,6 +47,7 @@ from ._cross_entropy_common import (
     check_options,
     check_target_and_weight,
     check_targets,
+    composition_loss,
     mean_denominator,
     no_graph_after_inplace,
     reduce,
@@ -260,10 +260,9 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
                                  softcap, inplace_backward)
             and 0 < input.numel() < cpu_kernels_from("cross_entropy")):
         try:
-            return F.cross_entropy(input, target, ignore_index=ignore_index,
-                                   reduction=reduction, label_smoothing=label_smoothing)
+            return composition_loss(input, target, ignore_index, reduction, label_smoothing)
         except Exception:
-            pass  # rejected by F.cross_entropy: the full way raises pykernels' own error
+            pass  # rejected by the torch loss: the full way raises pykernels' own error
     red, ls, z, cap = _check_ce_args(input, target, weight, ignore_index, reduction,
                                      label_smoothing, z_loss, softcap, inplace_backward)
     name = resolve(backend, input.device, input.dtype, "cross_entropy", input.numel())

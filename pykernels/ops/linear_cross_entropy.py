@@ -33,6 +33,7 @@ from ._cross_entropy_common import (
     check_eager_targets,
     check_options,
     check_target_and_weight,
+    composition_loss,
     mean_denominator,
     no_graph_after_inplace,
     reduce,
@@ -236,9 +237,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
             and 0 < input.numel() * linear_weight.shape[0]
             < cpu_kernels_from("linear_cross_entropy")):
         try:
-            return F.cross_entropy(F.linear(input, linear_weight), target,
-                                   ignore_index=ignore_index, reduction=reduction,
-                                   label_smoothing=label_smoothing)
+            return composition_loss(F.linear(input, linear_weight), target, ignore_index,
+                                    reduction, label_smoothing)
         except Exception:
             pass  # rejected by F.linear or F.cross_entropy: the full way raises our error
     input, linear_weight, linear_bias = autocast_operands(input, linear_weight, linear_bias)
