@@ -6,6 +6,7 @@ void bind_linear_act(pybind11::module_& m);
 void bind_linear_glu(pybind11::module_& m);
 void bind_cross_entropy(pybind11::module_& m);
 void bind_attention(pybind11::module_& m);
+void bind_shortcut(pybind11::module_& m);
 }  // namespace pykernels
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -21,4 +22,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pykernels::bind_linear_glu(m);
   pykernels::bind_cross_entropy(m);
   pykernels::bind_attention(m);
+  pykernels::bind_shortcut(m);
 }

@@ -5,23 +5,25 @@ import torch.nn.functional as F
 
 from .activations import activation_id
 
-# name -> f(z, negative_slope): torch's own functions, as torch.nn.functional calls them
-ACTIVATION_FUNCTIONS = {
-    "none": lambda z, negative_slope: z,
-    "relu": lambda z, negative_slope: torch.relu(z),
-    "gelu": lambda z, negative_slope: F.gelu(z),
-    "gelu_tanh": lambda z, negative_slope: F.gelu(z, approximate="tanh"),
-    "silu": lambda z, negative_slope: torch._C._nn.silu(z),
-    "sigmoid": lambda z, negative_slope: torch.sigmoid(z),
-    "tanh": lambda z, negative_slope: torch.tanh(z),
-    "leaky_relu": lambda z, negative_slope: torch._C._nn.leaky_relu(z, negative_slope),
-}
-
 
 def activation(z, name, negative_slope=0.01):
     """The torch.nn.functional activation called ``name`` applied to ``z``."""
     activation_id(name)
-    return ACTIVATION_FUNCTIONS[name](z, negative_slope)
+    if name == "none":
+        return z
+    if name == "relu":
+        return F.relu(z)
+    if name == "gelu":
+        return F.gelu(z)
+    if name == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    if name == "silu":
+        return F.silu(z)
+    if name == "sigmoid":
+        return z.sigmoid()
+    if name == "tanh":
+        return z.tanh()
+    return F.leaky_relu(z, negative_slope)
 
 
 def linear_act(input, weight, bias=None, activation_name="none", negative_slope=0.01):

@@ -143,25 +143,6 @@ def check_options(reduction, label_smoothing, z_loss, softcap, ignore_index,
     return _REDUCTIONS[reduction], label_smoothing, z_loss, softcap
 
 
-def shortcut_options(weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                     inplace_backward):
-    """For the shortcut (pykernels/ops/_shortcut.py): whether the options are valid ones
-    that F.cross_entropy computes as the full way does: no class weights (their checks
-    are the full way's), no z_loss or softcap."""
-    return (weight is None and softcap is None and type(z_loss) is float and z_loss == 0.0
-            and type(label_smoothing) is float and 0.0 <= label_smoothing <= 1.0
-            and type(ignore_index) is int and type(reduction) is str
-            and reduction in REDUCTION_NAMES and type(inplace_backward) is bool)
-
-
-def composition_loss(logits, target, ignore_index, reduction, label_smoothing):
-    """F.cross_entropy(logits, target, ...) without class weights, for the shortcut: the
-    ATen op that F.cross_entropy calls, without its Python wrapper (its torch-function
-    check and reduction lookup: ~0.2 us of a 5 us call)."""
-    return torch._C._nn.cross_entropy_loss(logits, target, None, _REDUCTIONS[reduction],
-                                           ignore_index, label_smoothing)
-
-
 def check_target_and_weight(logits_shape, input, target, weight, target_name="target"):
     """target: int64 of logits_shape less the class dim, or probabilities of logits_shape
     in input's dtype; weight: (C,) floating."""

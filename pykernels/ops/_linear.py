@@ -3,7 +3,6 @@ linear layer's arguments, the 2-D view of the input, and the gradients' fake sha
 
 from ..activations import activation_id
 from . import _checks
-from ._shortcut import PLAIN
 
 EMPTY_SHAPE = (0,)
 
@@ -27,16 +26,6 @@ def check_args(input, weight, bias, activation, negative_slope):
             f"got {tuple(bias.shape)}")
     _checks.real(negative_slope, "negative_slope")
     return activation_id(activation)
-
-
-def shortcut_operands(input, weight, bias):
-    """For the shortcut (pykernels/ops/_shortcut.py): whether ``weight`` and ``bias`` are
-    ordinary CPU tensors as check_args wants them where F.linear would take others too (a
-    1-D weight, a bias that broadcasts, a meta weight). F.linear rejects the other
-    mistakes itself."""
-    return (type(weight) in PLAIN and weight.is_cpu and weight.dim() == 2
-            and (bias is None or (type(bias) in PLAIN and bias.is_cpu and bias.dim() == 1
-                                  and bias.shape[0] == weight.shape[0])))
 
 
 def rows(t):

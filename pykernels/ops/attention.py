@@ -384,20 +384,6 @@ def _torch_sdpa_agrees(query, key, value, attn_mask, enable_gqa, window, softcap
     return heads == vsh[:2] and (qsh[:2] == heads or (enable_gqa and qsh[0] == heads[0]))
 
 
-def _shortcut_size(query, key, value):
-    """For the shortcut (pykernels/ops/_shortcut.py): the call's size B * H * L * S * E
-    when the operands are a (B, H, L, E) query and (B, H, S, E) key and (B, H, S, Ev) value
-    with S, E, Ev >= 1, the shapes where F.scaled_dot_product_attention computes what
-    _torch_sdpa_agrees lets the full way give it (no broadcast batch or heads); else 0."""
-    qsh, ksh, vsh = query.shape, key.shape, value.shape
-    if not len(qsh) == len(ksh) == len(vsh) == 4:
-        return 0
-    (b, h, length, e), (bk, hk, s, ek), (bv, hv, sv, ev) = qsh, ksh, vsh
-    if b == bk == bv and h == hk == hv and s == sv and e == ek and ev > 0:
-        return b * h * length * s * e
-    return 0
-
-
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
                                  is_causal=False, scale=None, enable_gqa=False, *, window=None,
                                  softcap=None, backend=None):
@@ -412,18 +398,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     torch's default generator (reproducible under torch.manual_seed); the backward reuses
     the forward's mask.
     """
-    if (_shortcut.eager_cpu(backend, query) and attn_mask is None and window is None
-            and softcap is None and enable_gqa is False and type(is_causal) is bool
-            and type(dropout_p) is float and 0.0 <= dropout_p < 1.0
-            and (scale is None or (type(scale) is float and -math.inf < scale < math.inf))
-            and type(key) in _shortcut.PLAIN and type(value) in _shortcut.PLAIN
-            and key.is_cpu and value.is_cpu
-            and 0 < _shortcut_size(query, key, value) < cpu_kernels_from("attention")):
-        try:
-            return F.scaled_dot_product_attention(query, key, value, None, dropout_p,
-                                                  is_causal, scale=scale)
-        except Exception:
-            pass  # rejected by F.scaled_dot_product_attention: the full way raises ours
+    if _shortcut.eager(backend):
+        out = _shortcut.CALLS.attention(query, key, value, attn_mask, dropout_p, is_causal,
+                                        scale, enable_gqa, window, softcap,
+                                        cpu_kernels_from("attention"))
+        if out is not None:
+            return out
     query, key, value, attn_mask = autocast_operands(query, key, value, attn_mask)
     inputs, name, shape = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                    enable_gqa, window, softcap, backend)

@@ -47,14 +47,12 @@ from ._cross_entropy_common import (
     check_options,
     check_target_and_weight,
     check_targets,
-    composition_loss,
     mean_denominator,
     no_graph_after_inplace,
     reduce,
     row_kernels,
     row_scale,
     scaled_in_place,
-    shortcut_options,
     view3d,
 )
 
@@ -254,15 +252,12 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
             contract either way.
         backend: cpu, cuda, triton, torch or auto (see pykernels.backends).
     """
-    if (_shortcut.eager_cpu(backend, input) and type(target) in _shortcut.PLAIN
-            and target.is_cpu and target.dtype is torch.int64
-            and shortcut_options(weight, ignore_index, reduction, label_smoothing, z_loss,
-                                 softcap, inplace_backward)
-            and 0 < input.numel() < cpu_kernels_from("cross_entropy")):
-        try:
-            return composition_loss(input, target, ignore_index, reduction, label_smoothing)
-        except Exception:
-            pass  # rejected by the torch loss: the full way raises pykernels' own error
+    if _shortcut.eager(backend):
+        loss = _shortcut.CALLS.cross_entropy(input, target, weight, ignore_index, reduction,
+                                             label_smoothing, z_loss, softcap,
+                                             inplace_backward, cpu_kernels_from("cross_entropy"))
+        if loss is not None:
+            return loss
     red, ls, z, cap = _check_ce_args(input, target, weight, ignore_index, reduction,
                                      label_smoothing, z_loss, softcap, inplace_backward)
     name = resolve(backend, input.device, input.dtype, "cross_entropy", input.numel())

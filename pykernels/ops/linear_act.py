@@ -26,10 +26,10 @@ requested (create_graph=True) it differentiates the composition instead (second 
 from torch import Tensor
 
 from .. import reference
-from ..activations import ACTIVATION_IDS, ACTIVATIONS
+from ..activations import ACTIVATIONS
 from ..backends import cpu_kernels_from, kernel_extension, resolve
 from . import _contract, _route, _shortcut
-from ._linear import EMPTY_SHAPE, check_args, fake_grads, rows, shortcut_operands
+from ._linear import EMPTY_SHAPE, check_args, fake_grads, rows
 from .autocast import autocast_operands
 
 
@@ -147,14 +147,11 @@ def linear_act(input, weight, bias=None, activation="none", *, negative_slope=0.
         negative_slope: leaky_relu's slope.
         backend: cpu, cuda, triton, torch or auto (see pykernels.backends).
     """
-    if (_shortcut.eager_cpu(backend, input) and shortcut_operands(input, weight, bias)
-            and type(activation) is str and activation in ACTIVATION_IDS
-            and type(negative_slope) is float
-            and input.numel() * weight.shape[0] < cpu_kernels_from("linear_act")):
-        try:
-            return reference.linear_act(input, weight, bias, activation, negative_slope)
-        except Exception:
-            pass  # rejected by F.linear: the full way raises pykernels' own error
+    if _shortcut.eager(backend):
+        out = _shortcut.CALLS.linear_act(input, weight, bias, activation, negative_slope,
+                                         cpu_kernels_from("linear_act"))
+        if out is not None:
+            return out
     input, weight, bias = autocast_operands(input, weight, bias)
     act = check_args(input, weight, bias, activation, negative_slope)
     negative_slope = float(negative_slope)

@@ -18,8 +18,6 @@ the per-row grad_output is only known in the backward, so the forward computes t
 alone and the backward recomputes the chunks.
 """
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
@@ -33,13 +31,11 @@ from ._cross_entropy_common import (
     check_eager_targets,
     check_options,
     check_target_and_weight,
-    composition_loss,
     mean_denominator,
     no_graph_after_inplace,
     reduce,
     row_scale,
     scaled_in_place,
-    shortcut_options,
 )
 from .autocast import autocast_operands
 from .linear_cross_entropy_chunks import chunk_loop, default_chunk_size
@@ -227,20 +223,13 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     raises, and so does create_graph=True; the torch composition, which "auto" runs below
     its CPU size crossover, keeps PyTorch's contract either way).
     """
-    if (_shortcut.eager_cpu(backend, input) and type(linear_weight) in _shortcut.PLAIN
-            and linear_weight.is_cpu and type(target) in _shortcut.PLAIN and target.is_cpu
-            and target.dtype is torch.int64
-            and linear_bias is None and chunk_size is None and input.dim() <= 2
-            and linear_weight.dim() == 2
-            and shortcut_options(weight, ignore_index, reduction, label_smoothing, z_loss,
-                                 softcap, inplace_backward)
-            and 0 < input.numel() * linear_weight.shape[0]
-            < cpu_kernels_from("linear_cross_entropy")):
-        try:
-            return composition_loss(F.linear(input, linear_weight), target, ignore_index,
-                                    reduction, label_smoothing)
-        except Exception:
-            pass  # rejected by F.linear or F.cross_entropy: the full way raises our error
+    if _shortcut.eager(backend):
+        loss = _shortcut.CALLS.linear_cross_entropy(
+            input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
+            label_smoothing, z_loss, softcap, chunk_size, inplace_backward,
+            cpu_kernels_from("linear_cross_entropy"))
+        if loss is not None:
+            return loss
     input, linear_weight, linear_bias = autocast_operands(input, linear_weight, linear_bias)
     red, ls, z, cap = _check_lce_args(input, linear_weight, target, linear_bias, weight,
                                       ignore_index, reduction, label_smoothing, z_loss,

@@ -32,7 +32,7 @@ from .. import reference
 from ..activations import ACTIVATION_IDS, ACTIVATIONS
 from ..backends import cpu_kernels_from, kernel_extension, resolve
 from . import _contract, _route, _shortcut
-from ._linear import EMPTY_SHAPE, check_args, fake_grads, rows, shortcut_operands
+from ._linear import EMPTY_SHAPE, check_args, fake_grads, rows
 from .autocast import autocast_operands
 
 
@@ -160,14 +160,11 @@ def linear_glu(input, weight, bias=None, activation="silu", *, negative_slope=0.
 
     Returns ``(..., out_features)``.
     """
-    if (_shortcut.eager_cpu(backend, input) and shortcut_operands(input, weight, bias)
-            and weight.shape[0] % 2 == 0 and type(activation) is str
-            and activation in ACTIVATION_IDS and type(negative_slope) is float
-            and input.numel() * (weight.shape[0] // 2) < cpu_kernels_from("linear_glu")):
-        try:
-            return reference.linear_glu(input, weight, bias, activation, negative_slope)
-        except Exception:
-            pass  # rejected by F.linear: the full way raises pykernels' own error
+    if _shortcut.eager(backend):
+        out = _shortcut.CALLS.linear_glu(input, weight, bias, activation, negative_slope,
+                                         cpu_kernels_from("linear_glu"))
+        if out is not None:
+            return out
     input, weight, bias = autocast_operands(input, weight, bias)
     act = _check_args(input, weight, bias, activation, negative_slope)
     negative_slope = float(negative_slope)
