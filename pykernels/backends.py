@@ -59,14 +59,15 @@ AUTO_ORDER_FILE = Path(__file__).resolve().parent.parent / "bench" / "results" /
 # rows * hidden * vocab (linear_cross_entropy), batch * heads * L * S * head dim
 # (attention). Keyed by torch's CPU capability, which also picks the kernels' own SIMD
 # level; None: no size from which the kernels were measured faster on every machine of
-# that capability measured. linear_act: on AMD EPYC without AVX-512, 0.83-0.99x eager at every
-# size; with AVX-512, 1.05-1.29x at 4096x512x512 on a Zen 4 EPYC but 0.87-0.89x on an
-# Intel Xeon (bench_linear_act, the forward 0.87x): the composition on both. The other
-# families' crossovers were measured without AVX-512 and hold on the Intel Xeon with it
-# (bench_overhead's sweep, 2026-12-02). GPU calls keep the order above: their rule comes
-# from GPU results.
+# that capability measured. The linear families with AVX-512: 1.05-1.29x (linear_act,
+# 4096x512x512) and 1.57x (linear_glu, 4096x1024x2x2816) eager on a Zen 4 EPYC, but
+# 0.87-0.89x and 0.78-0.87x on an Intel Xeon (bench_linear_act, bench_linear_glu,
+# 2026-12-02), so the composition on both; without AVX-512 (an AMD EPYC) linear_act 0.83-0.99x
+# at every size, linear_glu 1.01-1.03x from 512x256x256. The other families' crossovers were
+# measured without AVX-512 and hold on the Intel Xeon with it (bench_overhead's sweep).
+# GPU calls keep the order above: their rule comes from GPU results.
 CPU_CROSSOVER = {
-    "AVX512": {"linear_act": None, "linear_glu": 1 << 30, "cross_entropy": 1 << 23,
+    "AVX512": {"linear_act": None, "linear_glu": None, "cross_entropy": 1 << 23,
                "linear_cross_entropy": 1 << 30, "attention": 1 << 24},
     "AVX2": {"linear_act": None, "linear_glu": 1 << 25, "cross_entropy": 1 << 23,
              "linear_cross_entropy": 1 << 30, "attention": 1 << 24},
