@@ -107,47 +107,56 @@ py::object run(F compute) {
   return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(out)));
 }
 
-// The weight and bias check_args wants where at::linear would take others too (a 1-D weight,
-// a broadcasting bias); at::linear rejects the rest itself.
-bool linear_operands(const at::Tensor* weight, py::handle bias, std::optional<at::Tensor>* b) {
-  if (weight == nullptr || weight->dim() != 2) return false;
-  if (bias.is_none()) return true;
-  const at::Tensor* t = float_cpu_tensor(bias);
-  if (t == nullptr || t->dim() != 1 || t->size(0) != weight->size(0)) return false;
-  *b = *t;
-  return true;
+// A linear layer's call the shortcut takes: the weight and bias check_args wants where
+// at::linear would take others too (a 1-D weight, a broadcasting bias; at::linear rejects the
+// rest itself), a known activation, a float slope, input rows * in * out / `out_divisor`
+// below `limit` (linear_glu's weight stacks two layers: out_divisor 2, an even row count).
+struct LinearCall {
+  const at::Tensor* input;
+  const at::Tensor* weight;
+  std::optional<at::Tensor> bias;
+  int activation;
+  double negative_slope;
+};
+
+std::optional<LinearCall> linear_call(py::handle input, py::handle weight, py::handle bias,
+                                      py::handle activation, py::handle negative_slope,
+                                      int64_t out_divisor, double limit) {
+  LinearCall call{float_cpu_tensor(input), float_cpu_tensor(weight), std::nullopt,
+                  activation_index(activation), 0.0};
+  const at::Tensor* w = call.weight;
+  if (at::impl::torch_function_mode_enabled() || call.input == nullptr || w == nullptr ||
+      w->dim() != 2 || w->size(0) % out_divisor != 0 || call.activation < 0 ||
+      !is_float(negative_slope) ||
+      !(static_cast<double>(call.input->numel()) * (w->size(0) / out_divisor) < limit)) {
+    return std::nullopt;
+  }
+  if (!bias.is_none()) {
+    const at::Tensor* b = float_cpu_tensor(bias);
+    if (b == nullptr || b->dim() != 1 || b->size(0) != w->size(0)) return std::nullopt;
+    call.bias = *b;
+  }
+  call.negative_slope = as_double(negative_slope);
+  return call;
 }
 
 py::object linear_act(py::handle input, py::handle weight, py::handle bias,
                       py::handle activation, py::handle negative_slope, double limit) {
-  const at::Tensor* x = float_cpu_tensor(input);
-  const at::Tensor* w = float_cpu_tensor(weight);
-  std::optional<at::Tensor> b;
-  const int act = activation_index(activation);
-  if (at::impl::torch_function_mode_enabled() || x == nullptr || !linear_operands(w, bias, &b) ||
-      act < 0 || !is_float(negative_slope) ||
-      !(static_cast<double>(x->numel()) * w->size(0) < limit)) {
-    return py::none();
-  }
-  const double slope = as_double(negative_slope);
-  return run([&] { return activate(at::linear(*x, *w, b), act, slope); });
+  const auto c = linear_call(input, weight, bias, activation, negative_slope, 1, limit);
+  if (!c) return py::none();
+  return run([&] {
+    return activate(at::linear(*c->input, *c->weight, c->bias), c->activation,
+                    c->negative_slope);
+  });
 }
 
 py::object linear_glu(py::handle input, py::handle weight, py::handle bias,
                       py::handle activation, py::handle negative_slope, double limit) {
-  const at::Tensor* x = float_cpu_tensor(input);
-  const at::Tensor* w = float_cpu_tensor(weight);
-  std::optional<at::Tensor> b;
-  const int act = activation_index(activation);
-  if (at::impl::torch_function_mode_enabled() || x == nullptr || !linear_operands(w, bias, &b) ||
-      w->size(0) % 2 != 0 || act < 0 || !is_float(negative_slope) ||
-      !(static_cast<double>(x->numel()) * (w->size(0) / 2) < limit)) {
-    return py::none();
-  }
-  const double slope = as_double(negative_slope);
+  const auto c = linear_call(input, weight, bias, activation, negative_slope, 2, limit);
+  if (!c) return py::none();
   return run([&] {
-    const auto gate_up = at::linear(*x, *w, b).chunk(2, -1);
-    return activate(gate_up[0], act, slope) * gate_up[1];
+    const auto gate_up = at::linear(*c->input, *c->weight, c->bias).chunk(2, -1);
+    return activate(gate_up[0], c->activation, c->negative_slope) * gate_up[1];
   });
 }
 
