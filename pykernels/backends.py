@@ -223,7 +223,8 @@ def _requested(backend):
 
 def default_is_auto(backend):
     """Whether a call's ``backend`` argument leaves the choice to "auto": None, outside
-    every use_backend block, PYKERNELS_BACKEND unset (the slow way's cheap first test)."""
+    every use_backend block, PYKERNELS_BACKEND unset: the shortcut's first test
+    (pykernels/ops/_shortcut.py), a few attribute reads."""
     return backend is None and not _stack and _ENV_KEY not in _ENVIRON
 
 
