@@ -260,7 +260,7 @@ def _format_sweep(row):
     return "  ".join(cells) + f"  {row['verdict']}"
 
 
-def write(overhead_rows, sweep_rows, out_dir, rounds, n, sweep_rounds):
+def write(overhead_rows, sweep_rows, out_dir, rounds, n):
     out_dir.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
     lines = [f"# Host overhead and small shapes on CPU (torch {torch.__version__})", "",
@@ -278,8 +278,8 @@ def write(overhead_rows, sweep_rows, out_dir, rounds, n, sweep_rounds):
                      f"{r['us']:.1f} | {ratio} | {r.get('verdict', '')} | {r['aten_ops']} | "
                      f"{r['host_syncs']} | {r['ops']} |")
     if sweep_rows:
-        lines += ["", f"## Size sweep, fwd+bwd, {threads} threads, {sweep_rounds} interleaved "
-                  f"rounds ({3 * sweep_rounds} for calls under 1 ms)", "",
+        lines += ["", f"## Size sweep, fwd+bwd, {threads} threads, {rounds} interleaved "
+                  f"rounds ({3 * rounds} for calls under 1 ms)", "",
                   "Speed-up = eager time / pykernels time (median of the rounds, "
                   f"IQR); `auto` (the default backend) must be at least {SWEEP_TARGET}x.",
                   "", "| op | size | eager ms | auto ms | auto speed-up | cpu kernels ms | "
@@ -306,9 +306,8 @@ def main(argv=None):
     torch.set_num_threads(1)  # host time of one call, not the thread pool's wake-ups
     overhead_rows = overhead(rounds, n)
     torch.set_num_threads(threads)
-    sweep_rounds = rounds  # the shared machine's phases need as many for the sweep
-    sweep_rows = [] if args.quick else sweep(sweep_rounds)
-    write(overhead_rows, sweep_rows, args.out, rounds, n, sweep_rounds)
+    sweep_rows = [] if args.quick else sweep(rounds)
+    write(overhead_rows, sweep_rows, args.out, rounds, n)
     judged = [r for r in overhead_rows + sweep_rows if "verdict" in r]
     failed = [r for r in judged if r["verdict"] == "FAIL"]
     print(f"{len(failed)} of {len(judged)} cases FAIL "

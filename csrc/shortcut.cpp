@@ -19,6 +19,8 @@
 #include <cmath>
 #include <optional>
 
+#include "common/activation.h"
+
 namespace pykernels {
 namespace {
 
@@ -47,28 +49,30 @@ bool is_name(py::handle o, const char* name) {
   return PyUnicode_CompareWithASCIIString(o.ptr(), name) == 0;
 }
 
-// Activation names as pykernels.activations.ACTIVATIONS; -1 for anything else.
-int activation_index(py::handle o) {
-  static const char* const kNames[] = {"none", "relu", "gelu", "gelu_tanh",
-                                       "silu", "sigmoid", "tanh", "leaky_relu"};
-  if (!PyUnicode_CheckExact(o.ptr())) return -1;
-  for (int i = 0; i < 8; ++i) {
-    if (is_name(o, kNames[i])) return i;
+// The activation named by `o` (pykernels.activations.ACTIVATIONS, in the order of
+// Activation's ids); nullopt for anything else.
+std::optional<Activation> activation_of(py::handle o) {
+  static const char* const kNames[kNumActivations] = {
+      "none", "relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh", "leaky_relu"};
+  if (!PyUnicode_CheckExact(o.ptr())) return std::nullopt;
+  for (int i = 0; i < kNumActivations; ++i) {
+    if (is_name(o, kNames[i])) return static_cast<Activation>(i);
   }
-  return -1;
+  return std::nullopt;
 }
 
-at::Tensor activate(const at::Tensor& z, int activation, double negative_slope) {
+at::Tensor activate(const at::Tensor& z, Activation activation, double negative_slope) {
   switch (activation) {
-    case 1: return at::relu(z);
-    case 2: return at::gelu(z);
-    case 3: return at::gelu(z, "tanh");
-    case 4: return at::silu(z);
-    case 5: return at::sigmoid(z);
-    case 6: return at::tanh(z);
-    case 7: return at::leaky_relu(z, negative_slope);
-    default: return z;
+    case Activation::Relu: return at::relu(z);
+    case Activation::Gelu: return at::gelu(z);
+    case Activation::GeluTanh: return at::gelu(z, "tanh");
+    case Activation::Silu: return at::silu(z);
+    case Activation::Sigmoid: return at::sigmoid(z);
+    case Activation::Tanh: return at::tanh(z);
+    case Activation::LeakyRelu: return at::leaky_relu(z, negative_slope);
+    case Activation::None: break;
   }
+  return z;
 }
 
 // PyTorch's reduction enum (at::Reduction) of 'none' / 'mean' / 'sum'; -1 for others.
@@ -115,18 +119,19 @@ struct LinearCall {
   const at::Tensor* input;
   const at::Tensor* weight;
   std::optional<at::Tensor> bias;
-  int activation;
+  Activation activation;
   double negative_slope;
 };
 
 std::optional<LinearCall> linear_call(py::handle input, py::handle weight, py::handle bias,
                                       py::handle activation, py::handle negative_slope,
                                       int64_t out_divisor, double limit) {
+  const auto act = activation_of(activation);
   LinearCall call{float_cpu_tensor(input), float_cpu_tensor(weight), std::nullopt,
-                  activation_index(activation), 0.0};
+                  act.value_or(Activation::None), 0.0};
   const at::Tensor* w = call.weight;
   if (at::impl::torch_function_mode_enabled() || call.input == nullptr || w == nullptr ||
-      w->dim() != 2 || w->size(0) % out_divisor != 0 || call.activation < 0 ||
+      w->dim() != 2 || w->size(0) % out_divisor != 0 || !act ||
       !is_float(negative_slope) ||
       !(static_cast<double>(call.input->numel()) * (w->size(0) / out_divisor) < limit)) {
     return std::nullopt;
